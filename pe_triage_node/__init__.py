@@ -1,0 +1,2 @@
+"""PE triage node: DICOM CTPA triage for suspected pulmonary embolism. Not for diagnostic use."""
+__version__ = "0.1.0"

@@ -1,0 +1,251 @@
+"""Node configuration: one TOML file loaded into pydantic models at start-up.
+
+Precedence (highest first): environment variables ``PETRIAGE_<SECTION>__<KEY>``
+(e.g. ``PETRIAGE_RECEIVER__PORT=11113``), the TOML file, built-in defaults.
+Relative paths are resolved against ``node.var_dir`` (itself relative to the
+working directory), so the built-in defaults keep all state under ``./var/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from pe_triage_node.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("config/node.toml")
+ENV_PREFIX = "PETRIAGE_"
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: AE, no backslash
+
+
+def _check_ae(value: str) -> str:
+    if not _AE_RE.match(value) or not value.strip():
+        raise ValueError(f"not a valid AE title (1-16 printable characters, no backslash): {value!r}")
+    return value.strip()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeSection(_Section):
+    var_dir: Path = Path("var")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+
+class TLSSection(_Section):
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    verify_client: bool = False
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> TLSSection:
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("tls.enabled needs certificate and private_key")
+        if self.verify_client and self.ca_certificates is None:
+            raise ValueError("tls.verify_client needs ca_certificates")
+        return self
+
+
+class ReceiverSection(_Section):
+    ae_title: str = "PETRIAGE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    check_called_aet: bool = True
+    max_associations: int = Field(16, ge=1, le=1024)
+    processes: int = Field(1, ge=1, le=64)
+    maximum_pdu_size: int = Field(0, ge=0)
+    min_free_mb: int = Field(1024, ge=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    tls: TLSSection = Field(default_factory=TLSSection)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _check_allowed(cls, v: list[str]) -> list[str]:
+        return [_check_ae(a) for a in v]
+
+
+class SpoolSection(_Section):
+    path: Path = Path("spool")
+    fsync: bool = True
+
+
+class DatabaseSection(_Section):
+    url: SecretStr = SecretStr("sqlite:///{var_dir}/node.db")
+    echo: bool = False
+
+
+class AssemblySection(_Section):
+    quiet_period_s: float = Field(30.0, gt=0)
+    contiguity_factor: float = Field(1.5, gt=1.0)
+    check_interval_s: float = Field(2.0, gt=0)
+
+
+class SelectionSection(_Section):
+    """Declarative rules that choose the CTPA series of a study (one per study)."""
+
+    modalities: list[str] = Field(default_factory=lambda: ["CT"])
+    sop_classes: list[str] = Field(
+        default_factory=lambda: ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"]
+    )
+    image_type_required: list[str] = Field(default_factory=lambda: ["ORIGINAL", "AXIAL"])
+    min_slices: int = Field(30, ge=1)
+    max_slice_thickness_mm: float = Field(8.0, gt=0)
+    series_description_include: str | None = None
+    series_description_exclude: str | None = r"(?i)\b(scout|topogram|localizer|dose|mip|mpr|lung)\b"
+    study_description_include: str | None = None
+    protocol_name_include: str | None = None
+    kernel_exclude: str | None = None
+    soft_tissue_kernel: str = r"(?i)^(B|I)?[2-4]\d|standard|soft|^[BCD]$|^FC0?[1-4]\d?$|^FC1\d$"
+
+    @field_validator(
+        "series_description_include",
+        "series_description_exclude",
+        "study_description_include",
+        "protocol_name_include",
+        "kernel_exclude",
+        "soft_tissue_kernel",
+    )
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {v!r}: {exc}") from exc
+        return v
+
+
+class InferenceSection(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    weights_manifest: Path | None = None
+    lung_crop: Literal["auto", "lungmask", "threshold"] = "auto"
+    lungmask_weights: Path | None = None
+    batch_size: int = Field(8, ge=1, le=256)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+class QueueSection(_Section):
+    lease_s: float = Field(120.0, gt=0)
+    heartbeat_s: float = Field(15.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    poll_interval_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _heartbeat_inside_lease(self) -> QueueSection:
+        if self.heartbeat_s >= self.lease_s:
+            raise ValueError("queue.heartbeat_s must be shorter than queue.lease_s")
+        return self
+
+
+class NodeConfig(BaseSettings):
+    """The effective configuration of one node process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=False
+    )
+
+    node: NodeSection = Field(default_factory=NodeSection)
+    receiver: ReceiverSection = Field(default_factory=ReceiverSection)
+    spool: SpoolSection = Field(default_factory=SpoolSection)
+    database: DatabaseSection = Field(default_factory=DatabaseSection)
+    assembly: AssemblySection = Field(default_factory=AssemblySection)
+    selection: SelectionSection = Field(default_factory=SelectionSection)
+    inference: InferenceSection = Field(default_factory=InferenceSection)
+    queue: QueueSection = Field(default_factory=QueueSection)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file (passed as init kwargs); init beats defaults.
+        return (env_settings, init_settings)
+
+    # -- resolved paths -------------------------------------------------
+    def resolve(self, path: Path) -> Path:
+        """A configured path, relative ones taken under ``node.var_dir``."""
+        return path if path.is_absolute() else (self.node.var_dir / path)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.resolve(self.spool.path)
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url.get_secret_value().replace("{var_dir}", str(self.node.var_dir))
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration as plain data, secrets masked."""
+        data = self.model_dump(mode="json")
+        data["database"]["url"] = _mask_url(self.database_url)
+        return data
+
+
+def _mask_url(url: str) -> str:
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1****@", url)
+
+
+def load_config(path: Path | None = None) -> NodeConfig:
+    """Load the node configuration, or raise :class:`ConfigError` naming key, value and reason.
+
+    ``path=None`` uses ``./config/node.toml`` when present, else built-in defaults.
+    """
+    data: dict[str, Any] = {}
+    if path is None and DEFAULT_CONFIG_PATH.is_file():
+        path = DEFAULT_CONFIG_PATH
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"configuration file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        cfg = NodeConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from exc
+    return cfg
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    where = str(path) if path else "built-in defaults"
+    lines = [f"invalid configuration ({where}, environment {ENV_PREFIX}*):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        value = err.get("input")
+        shown = "****" if "url" in key or "password" in key else repr(value)
+        lines.append(f"  {key} = {shown}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def env_overrides() -> dict[str, str]:
+    """Names of the PETRIAGE_* variables in effect (values not shown: they may be secrets)."""
+    return {k: "set" for k in os.environ if k.startswith(ENV_PREFIX)}
