@@ -1,0 +1,50 @@
+"""The SQL job queue (DESIGN.md, "The queue"): the only code touching ``jobs`` / ``job_events``.
+
+Producer (inside its own transaction)::
+
+    with Session(engine) as s, s.begin():
+        job = enqueue(s, JobKind.infer, priority=2, series_instance_uid=uid,
+                      dedupe_key=f"infer:{uid}:{generation}")
+
+Worker loop::
+
+    me = worker_identity("worker")
+    job = claim(engine, JobKind.infer, me, lease_s=cfg.queue.lease_s)
+    if job is not None:
+        ...  # heartbeat(engine, job.id, me) every cfg.queue.heartbeat_s; stop if it returns False
+        complete(engine, job.id, me)  # or: fail(engine, job.id, me, str(exc),
+                                      #          retry_delay_s=backoff_delay(job.attempts))
+"""
+
+from __future__ import annotations
+
+from pe_triage_node.db.models import JobKind, JobState
+from pe_triage_node.queue.jobs import (
+    DEFAULT_MAX_WAIT_S,
+    ClaimedJob,
+    as_utc,
+    backoff_delay,
+    claim,
+    complete,
+    enqueue,
+    fail,
+    heartbeat,
+    recover_stale,
+    worker_identity,
+)
+
+__all__ = [
+    "DEFAULT_MAX_WAIT_S",
+    "ClaimedJob",
+    "JobKind",
+    "JobState",
+    "as_utc",
+    "backoff_delay",
+    "claim",
+    "complete",
+    "enqueue",
+    "fail",
+    "heartbeat",
+    "recover_stale",
+    "worker_identity",
+]
