@@ -235,3 +235,68 @@ class JobEvent(Base):
     detail: Mapped[str | None] = mapped_column(Text)
 
     job: Mapped[Job] = relationship(back_populates="events")
+
+
+# -- priority rules and triage results (rules room; migration 0002) ------------
+
+
+class RuleSetRecord(Base):
+    """One version of the priority rules (``config/rules.toml`` syntax), append-only.
+
+    Every activation or rollback adds a row that records when, by whom, why,
+    the new text and the text it replaced; exactly one row is active (a partial
+    unique index allows at most one; with no row, the node uses the rules file).
+    """
+
+    __tablename__ = "rule_sets"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    author: Mapped[str] = mapped_column(String(128))
+    comment: Mapped[str] = mapped_column(Text)
+    toml_text: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))  # of toml_text (UTF-8)
+    active: Mapped[bool] = mapped_column(default=False)
+    action: Mapped[str] = mapped_column(String(16), default="activate")  # activate / rollback
+    # The rules in force before this change: a row, or (None) the rules file whose text is kept below.
+    previous_id: Mapped[int | None] = mapped_column(ForeignKey("rule_sets.id"), default=None)
+    previous_toml_text: Mapped[str | None] = mapped_column(Text, default=None)
+    previous_source: Mapped[str | None] = mapped_column(String(512), default=None)  # "rule set 3", a file path
+    restored_from_id: Mapped[int | None] = mapped_column(ForeignKey("rule_sets.id"), default=None)
+
+    __table_args__ = (
+        Index(
+            "uq_rule_sets_active",
+            "active",
+            unique=True,
+            sqlite_where=text("active"),
+            postgresql_where=text("active"),
+        ),
+    )
+
+
+class TriageResult(Base):
+    """A study's inference result and triage decision, as the worker stored it.
+
+    Labels, probabilities and the DICOM attributes the rules read are kept as
+    JSON text so that ``pe-triage rules test`` can replay new rules over them.
+    """
+
+    __tablename__ = "results"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), default=None)
+    generation: Mapped[int] = mapped_column(Integer, default=0)  # series generation analysed
+    model_version: Mapped[str] = mapped_column(String(64))
+    labels: Mapped[str] = mapped_column(Text, default="{}")  # JSON {label: bool}, consistent
+    probabilities: Mapped[str] = mapped_column(Text, default="{}")  # JSON {label: float}
+    attributes: Mapped[str] = mapped_column(Text, default="{}")  # JSON {DICOM keyword: str}
+    priority: Mapped[str] = mapped_column(String(16))  # STAT / URGENT / ROUTINE
+    rule_name: Mapped[str | None] = mapped_column(String(200), default=None)  # None: default priority
+    rule_set_id: Mapped[int | None] = mapped_column(
+        ForeignKey("rule_sets.id", ondelete="SET NULL"), default=None
+    )  # None: the rules file
+    flags: Mapped[str] = mapped_column(Text, default="[]")  # JSON list, e.g. ["review"]
+    explanation: Mapped[str | None] = mapped_column(Text, default=None)
+    result_json: Mapped[str] = mapped_column(Text, default="{}")  # the full serialised StudyResult
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
