@@ -14,11 +14,23 @@ Worker loop::
         ...  # heartbeat(engine, job.id, me) every cfg.queue.heartbeat_s; stop if it returns False
         complete(engine, job.id, me)  # or: fail(engine, job.id, me, str(exc),
                                       #          retry_delay_s=backoff_delay(job.attempts))
+
+Admin web (read-only views, plus re-queueing a dead job): ``queue_counts``,
+``list_jobs``, ``get_job``, ``job_history``, ``requeue``.
 """
 
 from __future__ import annotations
 
 from pe_triage_node.db.models import JobKind, JobState
+from pe_triage_node.queue.admin import (
+    JobEventView,
+    JobView,
+    get_job,
+    job_history,
+    list_jobs,
+    queue_counts,
+    requeue,
+)
 from pe_triage_node.queue.jobs import (
     DEFAULT_MAX_WAIT_S,
     ClaimedJob,
@@ -36,6 +48,8 @@ from pe_triage_node.queue.jobs import (
 __all__ = [
     "DEFAULT_MAX_WAIT_S",
     "ClaimedJob",
+    "JobEventView",
+    "JobView",
     "JobKind",
     "JobState",
     "as_utc",
@@ -44,7 +58,12 @@ __all__ = [
     "complete",
     "enqueue",
     "fail",
+    "get_job",
     "heartbeat",
+    "job_history",
+    "list_jobs",
+    "queue_counts",
     "recover_stale",
+    "requeue",
     "worker_identity",
 ]

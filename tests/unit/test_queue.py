@@ -24,8 +24,13 @@ from pe_triage_node.queue import (
     complete,
     enqueue,
     fail,
+    get_job,
     heartbeat,
+    job_history,
+    list_jobs,
+    queue_counts,
     recover_stale,
+    requeue,
     worker_identity,
 )
 
@@ -309,3 +314,39 @@ def test_fail_of_unknown_job_raises(engine: Engine) -> None:
 def test_backoff_delay_is_exponential_and_capped() -> None:
     assert [backoff_delay(n) for n in (0, 1, 2, 3, 4)] == [0.0, 5.0, 10.0, 20.0, 40.0]
     assert backoff_delay(50) == 600.0 and backoff_delay(10_000, base_s=1, cap_s=30) == 30.0
+
+
+# -- admin views ---------------------------------------------------------------
+
+
+def test_admin_views_and_requeue_of_a_dead_job(engine: Engine) -> None:
+    job_id = add(engine, series_instance_uid="1.2.3", dedupe_key="infer:1.2.3:0", max_attempts=1)
+    add(engine, JobKind.export)
+    take(engine, when=0)
+    assert fail(engine, job_id, "w1", "boom", now=at(1)) is JobState.dead
+    with Session(engine) as s:
+        counts = queue_counts(s)
+        dead = list_jobs(s, states=[JobState.dead])
+        history = job_history(s, job_id)
+    assert counts[JobKind.infer][JobState.dead] == 1 and counts[JobKind.export][JobState.queued] == 1
+    assert counts[JobKind.infer][JobState.queued] == 0
+    assert [(j.id, j.last_error, j.finished_at) for j in dead] == [(job_id, "boom", at(1))]
+    assert [e.event for e in history] == ["queued", "claimed", "failed", "dead"]
+    assert history[0].at == T0
+
+    assert not requeue(engine, add(engine, when=2), actor="admin", now=at(2))  # not dead
+    assert requeue(engine, job_id, actor="admin", now=at(3))
+    assert not requeue(engine, job_id, actor="admin", now=at(3))  # already queued
+    with Session(engine) as s:
+        job = get_job(s, job_id)
+    assert job is not None and (job.state, job.attempts, job.finished_at) == (JobState.queued, 0, None)
+    assert events(engine, job_id)[-1] == "requeued"
+
+
+def test_requeue_refuses_when_the_dedupe_key_is_taken(engine: Engine) -> None:
+    job_id = add(engine, dedupe_key="k", max_attempts=1)
+    take(engine, when=0)
+    fail(engine, job_id, "w1", "boom", now=at(1))
+    newer = add(engine, dedupe_key="k", when=2)
+    assert newer != job_id
+    assert not requeue(engine, job_id, actor="admin", now=at(3))
