@@ -1,0 +1,55 @@
+"""``pe-triage infer``: analyse one series folder standalone and print the findings."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pe_triage_node.cli import add_config_option, config_from_args
+from pe_triage_node.errors import InputRejected, WeightsError
+
+
+def _infer(args: argparse.Namespace) -> int:
+    """Run the inference engine on one folder (torch is imported here, not at start-up)."""
+    from pe_triage_node.inference.engine import InferenceEngine
+    from pe_triage_node.inference.result import findings_block
+
+    cfg = config_from_args(args)
+    section = cfg.inference
+    if args.batch_size is not None:
+        section = section.model_copy(update={"batch_size": args.batch_size})
+    if args.lung_crop is not None:
+        section = section.model_copy(update={"lung_crop": args.lung_crop})
+    if args.random_weights:
+        print("pe-triage infer: WARNING: --random-weights: the output is MEANINGLESS (smoke tests and benchmarks only)", file=sys.stderr)
+    try:
+        engine = InferenceEngine.from_config(section, weights_manifest=args.weights, device=args.device, random_weights=args.random_weights)
+        result = engine.analyse(args.dicom_dir)
+    except WeightsError as exc:
+        print(f"pe-triage infer: {exc}", file=sys.stderr)
+        return 2
+    except InputRejected as exc:
+        print(f"pe-triage infer: series rejected: {exc}", file=sys.stderr)
+        return 3
+    print(findings_block(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(result.to_json(maps=args.maps, indent=1), encoding="utf-8")
+        print(f"result written to {args.json}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``infer`` to the ``pe-triage`` command."""
+    p = subparsers.add_parser("infer", help="analyse one CT series folder and print the findings (NOT FOR DIAGNOSTIC USE)")
+    p.add_argument("dicom_dir", metavar="DICOM_DIR", type=Path, help="folder holding the DICOM files of one CT series")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the full result as JSON")
+    p.add_argument("--maps", choices=("summary", "full", "none"), default="summary", help="Grad-CAM maps in the JSON (default: summary)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="override inference.device")
+    p.add_argument("--weights", type=Path, default=None, metavar="MANIFEST", help="weights manifest.json (default: inference.weights_manifest, else models/demo/manifest.json)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per phase-1 batch (override inference.batch_size)")
+    p.add_argument("--lung-crop", choices=("auto", "lungmask", "threshold"), default=None, help="override inference.lung_crop")
+    p.add_argument("--random-weights", action="store_true", help="random networks: MEANINGLESS output, for smoke tests and benchmarks only")
+    add_config_option(p)
+    p.set_defaults(handler=_infer)

@@ -1,0 +1,303 @@
+"""The inference engine: one CT series in, one :class:`~.result.StudyResult` out.
+
+Load once (:meth:`InferenceEngine.from_config`), then call :meth:`analyse` per
+series. Stages: load (:mod:`.volume`) -> preprocess (:mod:`.preprocess`) ->
+phase 1 (r3d_18, windows streamed in batches) -> phase 2 (TCN + attention) ->
+consistency (:mod:`.consistency`) -> Grad-CAM (:mod:`.gradcam`).
+
+Speed: ``torch.inference_mode()``; autocast bf16 on CPUs with native bf16
+(avx512_bf16 / AMX) and bf16 (or fp16 where bf16 is missing) AMP on CUDA;
+phase 2 always fp32 (it is tiny). The CUDA paths are written but were not
+run on a GPU in this project's CI (none was available).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from pe_triage_node.config import InferenceSection
+from pe_triage_node.errors import WeightsError
+from pe_triage_node.inference.consistency import correct
+from pe_triage_node.inference.gradcam import peak_location, upsample_cam
+from pe_triage_node.inference.labels import PE_SPECIFIC, STUDY_LABELS, WINDOW_LABEL
+from pe_triage_node.inference.networks import fit_sequence, unfit_sequence
+from pe_triage_node.inference.preprocess import LungmaskBox, PreparedStudy, describe_box, find_lungmask_weights, prepare_study
+from pe_triage_node.inference.result import GradCamMap, StudyResult, WindowSpan, summarise_map
+from pe_triage_node.inference.volume import WINDOW_SLICES, CTVolume, load_ct_volume
+from pe_triage_node.inference.weights import LoadedModel, default_manifest_path, load_weights, random_model
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 dot-product instructions (avx512_bf16 or AMX), read from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="ignore")
+    except OSError:
+        return False
+    return torch.backends.mkldnn.is_available() and ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise WeightsError("device 'cuda' requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> str:
+    """``auto`` -> bf16 on CUDA with bf16 (else fp16), bf16 on CPUs with native bf16, else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+@contextmanager
+def _autocast(device: torch.device, precision: str) -> Iterator[None]:
+    if precision == "fp32":
+        yield
+        return
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield
+
+
+class InferenceEngine:
+    """Load the model once; :meth:`analyse` one series at a time (not thread-safe)."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        device: str = "auto",
+        precision: Precision = "auto",
+        batch_size: int = 8,
+        lung_crop: Literal["auto", "lungmask", "threshold"] = "auto",
+        lungmask_weights: Path | None = None,
+        gradcam_windows: int = 3,
+        channels_last: bool = False,
+        max_tilt_deg: float = 2.0,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.model = model.to(self.device)
+        self.model.phase1.eval()
+        self.model.phase2.eval()
+        self.batch_size = batch_size
+        self.gradcam_windows = gradcam_windows
+        self.channels_last = channels_last
+        self.max_tilt_deg = max_tilt_deg
+        self.input_size = model.manifest.input_size
+        if channels_last:
+            self.model.phase1.to(memory_format=torch.channels_last_3d)
+        self.lungmask: LungmaskBox | None = None
+        weights = find_lungmask_weights(lungmask_weights) if lung_crop != "threshold" else None
+        if lung_crop == "lungmask" and weights is None:
+            raise WeightsError(
+                "inference.lung_crop = 'lungmask' but no R231 weights were found "
+                f"(inference.lungmask_weights = {lungmask_weights}); set the path or use 'threshold'"
+            )
+        if weights is not None:
+            self.lungmask = LungmaskBox(weights, device=self.device)
+        log.info(
+            "inference engine ready: model %s %s on %s (%s), lung crop %s",
+            model.manifest.model_name,
+            model.manifest.model_version,
+            self.device,
+            self.precision,
+            "lungmask" if self.lungmask else "threshold",
+        )
+
+    @classmethod
+    def from_config(
+        cls,
+        section: InferenceSection,
+        *,
+        weights_manifest: Path | None = None,
+        device: str | None = None,
+        random_weights: bool = False,
+        repo_root: Path | None = None,
+    ) -> InferenceEngine:
+        """Build from ``[inference]``: the manifest given here, else the configured one, else
+        ``models/demo/manifest.json``; ``random_weights`` only for smoke tests (output meaningless)."""
+        if random_weights:
+            model = random_model(0)
+        else:
+            manifest = weights_manifest or section.weights_manifest or default_manifest_path(repo_root)
+            if not Path(manifest).is_file():
+                raise WeightsError(
+                    f"no model weights: manifest {manifest} not found. Set inference.weights_manifest "
+                    "(or --weights) to a trained model's manifest.json; no demo weights ship yet."
+                )
+            model = load_weights(Path(manifest))
+        return cls(
+            model,
+            device=device or section.device,
+            precision=section.precision,
+            batch_size=section.batch_size,
+            lung_crop=section.lung_crop,
+            lungmask_weights=section.lungmask_weights,
+        )
+
+    # -- stages -----------------------------------------------------------
+    def _phase1(self, prepared: PreparedStudy) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        feats, logits, cams = [], [], []
+        n = prepared.n_windows
+        with torch.inference_mode(), _autocast(self.device, self.precision):
+            for start in range(0, n, self.batch_size):
+                x = prepared.window_batch(start, min(n, start + self.batch_size), channels_last=self.channels_last)
+                logit, feat, cam = self.model.phase1(x)
+                logits.append(logit.float())
+                feats.append(feat.float())
+                cams.append(cam.float())
+        return torch.cat(logits), torch.cat(feats), torch.cat(cams)
+
+    def _phase2(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = feats.shape[0]
+        seq, mask = fit_sequence(feats, self.model.phase2.spec.sequence_length)
+        with torch.inference_mode():
+            wl, sl, att = self.model.phase2(seq[None], mask[None])
+        window_probs = torch.sigmoid(unfit_sequence(wl[0], n))
+        attention = unfit_sequence(att[0], n).clamp(min=0)
+        attention = attention / attention.sum(dim=1, keepdim=True).clamp(min=1e-12)
+        return window_probs, torch.sigmoid(sl[0]), attention
+
+    def analyse(self, source: Path | str | CTVolume) -> StudyResult:
+        """Analyse one series (a folder of its DICOM files, or an already loaded volume).
+
+        Raises :class:`~pe_triage_node.errors.VolumeRejected` for series that are not a usable CT volume.
+        """
+        timings: dict[str, float] = {}
+        t_start = t = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            timings[stage] = round(now - t, 4)
+            t = now
+
+        volume = source if isinstance(source, CTVolume) else load_ct_volume(Path(source), max_tilt_deg=self.max_tilt_deg)
+        lap("load")
+        prepared = prepare_study(volume, device=self.device, input_size=self.input_size, lungmask=self.lungmask)
+        lap("preprocess")
+        logits1, feats, cams = self._phase1(prepared)
+        lap("phase1")
+        window_probs, study_probs, attention = self._phase2(feats)
+        lap("phase2")
+        manifest = self.model.manifest
+        thresholds = manifest.thresholds.as_dict()
+        probs = {k: float(study_probs[i]) for i, k in enumerate(STUDY_LABELS)}
+        wp = [float(v) for v in window_probs]
+        consistent = correct(probs, wp, thresholds)
+        lap("consistency")
+        att = {k: [float(v) for v in attention[i]] for i, k in enumerate(STUDY_LABELS)}
+        gradcam = self._gradcam(prepared, volume, cams, consistent.labels, att, wp)
+        lap("gradcam")
+        timings["total"] = round(time.perf_counter() - t_start, 4)
+
+        n_src = volume.shape[0]
+        windows = []
+        for w in range(prepared.n_windows):
+            z0 = w * WINDOW_SLICES
+            z1 = min(z0 + WINDOW_SLICES, prepared.slices.shape[0])
+            windows.append(WindowSpan(w, (z0 + prepared.box[0], z1 + prepared.box[0]), prepared.window_source_slices(w, n_src), WINDOW_SLICES - (z1 - z0)))
+        return StudyResult(
+            model_name=manifest.model_name,
+            model_version=manifest.model_version,
+            intended_use=manifest.intended_use,
+            meaningless=self.model.meaningless,
+            series_instance_uid=volume.series_instance_uid,
+            study_instance_uid=volume.study_instance_uid,
+            probabilities=probs,
+            window_probabilities=wp,
+            phase1_window_probabilities=[float(v) for v in torch.sigmoid(logits1)],
+            labels=consistent.labels,
+            window_labels=consistent.window_labels,
+            consistency={
+                "chosen": consistent.chosen,
+                "loss_positive": consistent.loss_positive,
+                "loss_negative": consistent.loss_negative,
+                "changed": consistent.changed,
+            },
+            thresholds=thresholds,
+            attention=att,
+            gradcam=gradcam,
+            windows=windows,
+            lung_crop_method=prepared.lung_crop_method,
+            crop=describe_box(prepared),
+            geometry={
+                "source_slices": n_src,
+                "source_shape": list(volume.shape),
+                "spacing_mm": [float(s) for s in volume.spacing],
+                "slice_thickness_mm": volume.slice_thickness,
+                "input_size": self.input_size,
+            },
+            device=str(self.device),
+            precision=self.precision,
+            timings_s=timings,
+        )
+
+    def _gradcam(
+        self,
+        prepared: PreparedStudy,
+        volume: CTVolume,
+        cams: torch.Tensor,
+        labels: dict[str, bool],
+        attention: dict[str, list[float]],
+        window_probs: list[float],
+    ) -> list[GradCamMap]:
+        """Grad-CAM for the top window of each positive finding (at most ``gradcam_windows`` windows)."""
+        chosen: dict[int, list[str]] = {}
+        if labels.get(WINDOW_LABEL):
+            chosen.setdefault(int(np.argmax(window_probs)), []).append(WINDOW_LABEL)
+        for k in PE_SPECIFIC:
+            if labels.get(k):
+                w = int(np.argmax(attention[k]))
+                if w in chosen or len(chosen) < self.gradcam_windows:
+                    chosen.setdefault(w, []).append(k)
+        out = []
+        s = self.input_size
+        n_src = volume.shape[0]
+        for w, names in list(chosen.items())[: self.gradcam_windows]:
+            cam, peak = upsample_cam(cams[w], (WINDOW_SLICES, s, s))
+            z, v, u = peak_location(cam)
+            src = prepared.source_slice(w, z, n_src)
+            row, col = prepared.source_pixel(v, u)
+            if volume.flipped_y:
+                row = volume.shape[1] - 1 - row
+            if volume.flipped_x:
+                col = volume.shape[2] - 1 - col
+            cam_np = cam.cpu().numpy()
+            out.append(
+                GradCamMap(
+                    window=w,
+                    labels=names,
+                    peak_value=peak,
+                    peak_slice_in_window=z,
+                    source_slice_index=src,
+                    sop_instance_uid=volume.sop_instance_uids[src] if volume.sop_instance_uids else "",
+                    instance_number=volume.instance_numbers[src] if volume.instance_numbers else None,
+                    peak_row=round(row, 2),
+                    peak_column=round(col, 2),
+                    window_source_slices=prepared.window_source_slices(w, n_src),
+                    cam=cam_np.astype(np.float16),
+                    peak_slice_map=summarise_map(cam_np, z),
+                )
+            )
+        return out

@@ -1,0 +1,48 @@
+"""Grad-CAM (Selvaraju et al. 2017) of the phase-1 logit on r3d_18's last block (``layer4``).
+
+The engine uses the closed form that :class:`~.networks.WindowEncoder` returns with
+every forward pass (exact for global average pooling + a linear head);
+:func:`gradcam_autograd` is the textbook hook-and-backward version, kept to
+check that equality and for heads that are not linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pe_triage_node.inference.networks import WindowEncoder
+
+
+def gradcam_autograd(encoder: WindowEncoder, window: torch.Tensor) -> torch.Tensor:
+    """Raw Grad-CAM (before ReLU) of one window (1, 3, 10, S, S) -> (T', H', W'), by backpropagation."""
+    with torch.enable_grad():
+        x = window.detach().float()
+        a = encoder.block_output(x)
+        a.retain_grad()
+        logit = encoder.fc(encoder.avgpool(a).flatten(1))[0, 0]
+        logit.backward()
+        grad = a.grad
+        if grad is None:  # pragma: no cover - retain_grad guarantees it
+            raise RuntimeError("no gradient reached layer4")
+        alpha = grad.mean(dim=(2, 3, 4), keepdim=True)  # (1, C, 1, 1, 1)
+        cam = (alpha * a).sum(dim=1)[0]
+    encoder.zero_grad(set_to_none=True)
+    return cam.detach()
+
+
+def upsample_cam(cam: torch.Tensor, size: tuple[int, int, int]) -> tuple[torch.Tensor, float]:
+    """ReLU, trilinear upsampling of a (T', H', W') map to the window ``size``, scaled to [0, 1].
+
+    Returns the map and its maximum before scaling (0 when nothing is positive).
+    """
+    up = F.interpolate(cam[None, None].float(), size=size, mode="trilinear", align_corners=False)[0, 0].clamp_(min=0)
+    peak = float(up.max())
+    return (up / peak if peak > 0 else up), peak
+
+
+def peak_location(cam: torch.Tensor) -> tuple[int, int, int]:
+    """(slice, row, column) of the strongest response of a (10, S, S) map."""
+    idx = int(torch.argmax(cam))
+    _, h, w = cam.shape
+    return idx // (h * w), (idx // w) % h, idx % w

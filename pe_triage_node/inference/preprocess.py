@@ -1,0 +1,228 @@
+"""Preprocessing exactly as MODEL.md: 1 mm isotropic, lung box crop, 10-slice windows, three HU channels.
+
+Order per study (all tensor work in torch on the inference device):
+
+1. HU volume (from :mod:`.volume`) resampled to 1 x 1 x 1 mm (trilinear, cell-centred).
+2. Lung mask -> 3-D bounding box -> crop. Two documented methods:
+   ``lungmask`` (U-Net R231, the paper's choice; weights from a local file) run on
+   slices every ``LUNGMASK_STRIDE_MM`` mm (a box needs no more; the U-Net costs
+   about 1.5 s per slice on 2 CPU cores), or ``threshold``: on a 4 mm grid, air
+   (mean of the cell < -400 HU) connected components that do not touch the in-plane border of the
+   field of view (outside air does), keeping those of at least 20 % of the
+   largest one and at least 5 mL (both lungs, the trachea; not bowel gas);
+   the box grows by one grid cell on every side to cover partial-volume edges.
+   If neither finds lungs the whole field is kept and the method says so.
+3. Slices resized in HU to ``input_size`` x ``input_size`` (bilinear).
+4. Windows of 10 slices along z (the last zero-padded after channel scaling).
+5. Channels lung (-600, 1500), PE (100, 700), mediastinal (40, 400): clipped to
+   their fixed bounds and scaled to [0, 1] (no per-slice min-max).
+
+Windows are produced batch by batch (:meth:`PreparedStudy.window_batch`) so a
+600-slice study never holds all its windows at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pe_triage_node.inference.volume import WINDOW_SLICES, CTVolume
+
+log = logging.getLogger(__name__)
+
+TARGET_SPACING_MM = 1.0
+DEFAULT_INPUT_SIZE = 192
+# (lower, upper) HU bounds of the three channels: lung, PE, mediastinal window.
+HU_WINDOWS: tuple[tuple[float, float], ...] = ((-1350.0, 150.0), (-250.0, 450.0), (-160.0, 240.0))
+LUNGMASK_STRIDE_MM = 5.0
+_THRESH_GRID = 4  # mm per voxel of the threshold method's grid
+_AIR_HU = -400.0
+_MIN_LUNG_ML = 5.0
+_MIN_SHARE_OF_LARGEST = 0.2
+LUNGMASK_R231_FILE = "unet_r231-d5d2fc3d.pth"
+
+LungCropChoice = Literal["auto", "lungmask", "threshold"]
+Box = tuple[int, int, int, int, int, int]  # z0, z1, y0, y1, x0, x1 (half-open), 1 mm grid
+
+
+def resample_isotropic(hu: torch.Tensor, spacing: tuple[float, float, float], target: float = TARGET_SPACING_MM) -> torch.Tensor:
+    """Trilinear resampling of a (z, y, x) volume to ``target`` mm voxels (cell-centred grid)."""
+    size = [max(1, round(n * s / target)) for n, s in zip(hu.shape, spacing)]
+    out = F.interpolate(hu[None, None].float(), size=size, mode="trilinear", align_corners=False)
+    return out[0, 0]
+
+
+def hu_to_channels(hu: torch.Tensor) -> torch.Tensor:
+    """(..., ) HU -> (3, ...) channels in [0, 1] with MODEL.md's fixed bounds."""
+    return torch.stack([((hu - lo) / (hi - lo)).clamp_(0.0, 1.0) for lo, hi in HU_WINDOWS])
+
+
+def threshold_lung_box(vol: torch.Tensor) -> Box | None:
+    """Bounding box of the lungs by HU threshold on a 4 mm grid; ``None`` when none is found.
+
+    ``vol`` is the 1 mm HU volume (z, y, x). See the module docstring for the method.
+    """
+    from scipy import ndimage
+
+    g = _THRESH_GRID
+    pooled = F.avg_pool3d(vol[None, None].float(), kernel_size=g, stride=g, ceil_mode=True)[0, 0]
+    air = (pooled < _AIR_HU).cpu().numpy()
+    labels, n = ndimage.label(air)
+    if n == 0:
+        return None
+    border = np.unique(np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1).astype(np.float64)
+    sizes[0] = 0
+    sizes[border] = 0
+    if sizes.max() <= 0:
+        return None
+    keep_min = max(_MIN_SHARE_OF_LARGEST * sizes.max(), _MIN_LUNG_ML * 1000.0 / g**3)
+    keep = np.flatnonzero(sizes >= keep_min)
+    if keep.size == 0:
+        return None
+    zz, yy, xx = np.nonzero(np.isin(labels, keep))
+    z, y, x = vol.shape
+    return (
+        max(0, int(zz.min()) - 1) * g, min(z, (int(zz.max()) + 2) * g),
+        max(0, int(yy.min()) - 1) * g, min(y, (int(yy.max()) + 2) * g),
+        max(0, int(xx.min()) - 1) * g, min(x, (int(xx.max()) + 2) * g),
+    )
+
+
+def find_lungmask_weights(configured: Path | None) -> Path | None:
+    """The R231 weights file: the configured path, else torch hub's cache (where lungmask downloads it)."""
+    if configured is not None:
+        return configured if configured.is_file() else None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / LUNGMASK_R231_FILE
+    return cached if cached.is_file() else None
+
+
+class LungmaskBox:
+    """Lung bounding box from lungmask's U-Net (R231 or compatible), weights loaded once from a local file."""
+
+    def __init__(self, weights: Path, *, device: torch.device, batch_size: int = 8) -> None:
+        from lungmask.mask import LMInferer
+
+        from pe_triage_node.errors import WeightsError
+
+        try:
+            # lungmask calls torch.load(path) itself: torch >= 2.6 defaults to weights_only=True.
+            self.inferer = LMInferer(modelpath=str(weights), force_cpu=device.type != "cuda", batch_size=batch_size, tqdm_disable=True)
+        except (RuntimeError, OSError, KeyError, ValueError) as exc:
+            raise WeightsError(f"lungmask weights {weights.name} cannot be loaded: {exc}") from exc
+        self.weights = weights
+
+    def __call__(self, vol: torch.Tensor, stride_mm: float = LUNGMASK_STRIDE_MM) -> Box | None:
+        """Box of the U-Net's lung labels on every ``stride_mm``-th 1 mm slice; ``None`` if empty."""
+        stride = max(1, round(stride_mm / TARGET_SPACING_MM))
+        idx = np.arange(0, vol.shape[0], stride)
+        sub = vol[idx].float().cpu().numpy()
+        mask = self.inferer.apply(sub)  # (z, y, x) labels, 0 background
+        if not mask.any():
+            return None
+        zz, yy, xx = np.nonzero(mask)
+        z = vol.shape[0]
+        return (
+            max(0, int(idx[zz.min()]) - stride + 1), min(z, int(idx[zz.max()]) + stride),
+            int(yy.min()), int(yy.max()) + 1, int(xx.min()), int(xx.max()) + 1,
+        )
+
+
+@dataclass
+class PreparedStudy:
+    """A study after resampling, crop and in-plane resize, ready to cut into windows.
+
+    ``slices`` is (z, S, S) HU on the inference device; ``box`` the crop in the
+    1 mm grid of shape ``resampled_shape``; ``source_shape`` the loaded volume's.
+    """
+
+    slices: torch.Tensor
+    box: Box
+    resampled_shape: tuple[int, int, int]
+    source_shape: tuple[int, int, int]
+    lung_crop_method: str
+    input_size: int
+
+    @property
+    def n_windows(self) -> int:
+        return max(1, math.ceil(self.slices.shape[0] / WINDOW_SLICES))
+
+    def window_batch(self, start: int, stop: int, *, channels_last: bool = False) -> torch.Tensor:
+        """Windows ``start..stop-1`` as (B, 3, 10, S, S) float32 in [0, 1], the last zero-padded."""
+        z0, z1 = start * WINDOW_SLICES, min(stop * WINDOW_SLICES, self.slices.shape[0])
+        ch = hu_to_channels(self.slices[z0:z1])  # (3, n, S, S)
+        need = (stop - start) * WINDOW_SLICES
+        if ch.shape[1] < need:
+            ch = F.pad(ch, (0, 0, 0, 0, 0, need - ch.shape[1]))  # zeros after scaling
+        s = self.input_size
+        batch = ch.view(3, stop - start, WINDOW_SLICES, s, s).permute(1, 0, 2, 3, 4)
+        fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+        return batch.contiguous(memory_format=fmt)
+
+    def window_source_slices(self, window: int, n_source: int) -> tuple[int, int]:
+        """First and last source-slice index (z order) covered by a window's real (unpadded) slices."""
+        a = window * WINDOW_SLICES
+        b = min(a + WINDOW_SLICES, self.slices.shape[0]) - 1
+        return self.source_slice(window, 0, n_source), self.source_slice(window, b - a, n_source)
+
+    def source_slice(self, window: int, slice_in_window: int, n_source: int) -> int:
+        """Index in the loaded (z-sorted) series of the slice nearest to a window slice."""
+        k = min(window * WINDOW_SLICES + slice_in_window, self.slices.shape[0] - 1) + self.box[0]
+        src = (k + 0.5) * n_source / self.resampled_shape[0] - 0.5
+        return int(min(n_source - 1, max(0, round(src))))
+
+    def source_pixel(self, v: float, u: float) -> tuple[float, float]:
+        """(row, column) in the canonical source grid of window pixel (v, u)."""
+        _, y0, y1, x0, x1 = self.box[0], *self.box[2:]
+        s = self.input_size
+        ry = y0 + (v + 0.5) * (y1 - y0) / s - 0.5
+        rx = x0 + (u + 0.5) * (x1 - x0) / s - 0.5
+        row = (ry + 0.5) * self.source_shape[1] / self.resampled_shape[1] - 0.5
+        col = (rx + 0.5) * self.source_shape[2] / self.resampled_shape[2] - 0.5
+        return float(row), float(col)
+
+
+def prepare_study(
+    volume: CTVolume,
+    *,
+    device: torch.device,
+    input_size: int = DEFAULT_INPUT_SIZE,
+    lungmask: LungmaskBox | None = None,
+) -> PreparedStudy:
+    """Resample, crop to the lungs and resize one loaded volume (MODEL.md steps 3-7 for inference)."""
+    hu = torch.from_numpy(volume.hu).to(device)
+    vol = resample_isotropic(hu, volume.spacing)
+    del hu
+    box: Box | None
+    if lungmask is not None:
+        box, method = lungmask(vol), "lungmask"
+    else:
+        box, method = threshold_lung_box(vol), "threshold"
+    z, y, x = (int(v) for v in vol.shape)
+    if box is None or box[1] - box[0] < 1:
+        log.warning("no lungs found by %s: keeping the whole field of view", method)
+        box, method = (0, z, 0, y, 0, x), f"{method}: no lungs found, whole field"
+    z0, z1, y0, y1, x0, x1 = box
+    crop = vol[z0:z1, y0:y1, x0:x1]
+    slices = F.interpolate(crop[None].float(), size=(input_size, input_size), mode="bilinear", align_corners=False)[0]
+    return PreparedStudy(
+        slices=slices.contiguous(),
+        box=box,
+        resampled_shape=(z, y, x),
+        source_shape=volume.shape,
+        lung_crop_method=method,
+        input_size=input_size,
+    )
+
+
+def describe_box(p: PreparedStudy) -> dict[str, Any]:
+    """The crop as plain data (mm in the 1 mm grid) for the study result."""
+    z0, z1, y0, y1, x0, x1 = p.box
+    return {"z": [z0, z1], "y": [y0, y1], "x": [x0, x1], "resampled_shape": list(p.resampled_shape)}

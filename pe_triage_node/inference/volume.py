@@ -1,0 +1,216 @@
+"""Load one CT series from a folder of DICOM files into a HU volume (PS3.3 C.7.6.2).
+
+Slices are sorted by their position along the slice normal (ImagePositionPatient
+projected on the cross product of the ImageOrientationPatient cosines), never by
+InstanceNumber; the z spacing comes from those positions, never from
+SliceThickness (overlapping reconstructions have spacing < thickness).
+Anything that cannot become one regular axial CT volume raises
+:class:`~pe_triage_node.errors.VolumeRejected` with a reason a person can read.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from pe_triage_node.errors import VolumeRejected
+
+log = logging.getLogger(__name__)
+
+WINDOW_SLICES = 10  # slices per phase-1 window (MODEL.md, preprocessing step 5)
+CT_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"})
+_ORIENTATION_TOL = 1e-3  # max difference between direction cosines of one series
+_GAP_FACTOR = 1.5  # a step this many times the median step means missing slices
+
+
+@dataclass
+class CTVolume:
+    """One CT series as a HU volume in canonical order.
+
+    ``hu`` is float32 (z, y, x): z runs along the slice normal from the lowest
+    position upwards (for an axial series, inferior to superior), y along the
+    column direction (rows of the image), x along the row direction. ``spacing``
+    is (z, y, x) in mm, z from the slice positions. Per-slice lists are in
+    the same z order and map every slice back to the series as sent.
+    """
+
+    hu: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    orientation: tuple[float, ...]
+    sop_instance_uids: list[str] = field(default_factory=list)
+    instance_numbers: list[int | None] = field(default_factory=list)
+    positions_mm: list[float] = field(default_factory=list)
+    series_instance_uid: str = ""
+    study_instance_uid: str = ""
+    slice_thickness: float | None = None
+    flipped_y: bool = False  # image rows were reversed to make y run posterior
+    flipped_x: bool = False  # image columns were reversed to make x run to the patient's left
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        z, y, x = self.hu.shape
+        return int(z), int(y), int(x)
+
+
+@dataclass
+class _SliceHeader:
+    path: Path
+    orientation: np.ndarray
+    position: np.ndarray
+    sop_uid: str
+    instance_number: int | None
+    rows: int
+    columns: int
+    pixel_spacing: tuple[float, float]
+
+
+def _float_list(ds: pydicom.Dataset, keyword: str, n: int, what: str) -> np.ndarray:
+    value = ds.get(keyword)
+    if value is None or len(value) != n:
+        raise VolumeRejected(f"{what} missing or malformed on instance {ds.get('InstanceNumber', '?')}")
+    try:
+        return np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise VolumeRejected(f"{what} not numeric on instance {ds.get('InstanceNumber', '?')}") from exc
+
+
+def _read_header(path: Path) -> _SliceHeader | None:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, EOFError):
+        log.debug("skipping non-DICOM file %s", path.name)
+        return None
+    modality = str(ds.get("Modality", ""))
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if modality != "CT" or sop_class not in CT_SOP_CLASSES:
+        raise VolumeRejected(f"not a CT image series (Modality {modality or 'absent'}, SOP class {sop_class or 'absent'})")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise VolumeRejected("multi-frame (enhanced) CT is not supported; send single-frame CT Image Storage")
+    if "ImagePositionPatient" not in ds:
+        raise VolumeRejected("ImagePositionPatient missing: slices cannot be ordered")
+    if "ImageOrientationPatient" not in ds:
+        raise VolumeRejected("ImageOrientationPatient missing: slices cannot be ordered")
+    if "PixelSpacing" not in ds:
+        raise VolumeRejected("PixelSpacing missing")
+    ps = _float_list(ds, "PixelSpacing", 2, "PixelSpacing")
+    inst = ds.get("InstanceNumber")
+    return _SliceHeader(
+        path=path,
+        orientation=_float_list(ds, "ImageOrientationPatient", 6, "ImageOrientationPatient"),
+        position=_float_list(ds, "ImagePositionPatient", 3, "ImagePositionPatient"),
+        sop_uid=str(ds.get("SOPInstanceUID", "")),
+        instance_number=int(inst) if inst not in (None, "") else None,
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        pixel_spacing=(float(ps[0]), float(ps[1])),
+    )
+
+
+def load_ct_volume(
+    dicom_dir: Path,
+    *,
+    max_tilt_deg: float = 2.0,
+    min_slices: int = WINDOW_SLICES,
+) -> CTVolume:
+    """Read every DICOM file directly in ``dicom_dir`` as one CT series.
+
+    Files that are not DICOM are skipped. Raises :class:`VolumeRejected` for:
+    no CT slices, non-CT data, mixed series or orientations, non-axial
+    orientation, gantry tilt (slice positions not along the normal) beyond
+    ``max_tilt_deg``, missing positions, duplicate positions, gaps
+    (missing slices), differing matrix or pixel spacing, fewer slices than
+    ``min_slices`` (one phase-1 window by default).
+    """
+    dicom_dir = Path(dicom_dir)
+    if not dicom_dir.is_dir():
+        raise VolumeRejected(f"not a folder: {dicom_dir}")
+    headers = [h for p in sorted(dicom_dir.iterdir()) if p.is_file() and (h := _read_header(p)) is not None]
+    if not headers:
+        raise VolumeRejected("no DICOM CT slices in the folder")
+    if len(headers) < min_slices:
+        raise VolumeRejected(f"{len(headers)} slices, fewer than one window ({min_slices})")
+
+    ref = headers[0]
+    for h in headers[1:]:
+        if np.max(np.abs(h.orientation - ref.orientation)) > _ORIENTATION_TOL:
+            raise VolumeRejected("mixed image orientations within the series")
+        if (h.rows, h.columns) != (ref.rows, ref.columns):
+            raise VolumeRejected("slices of differing matrix size within the series")
+        if max(abs(a - b) for a, b in zip(h.pixel_spacing, ref.pixel_spacing)) > 1e-3:
+            raise VolumeRejected("slices of differing pixel spacing within the series")
+
+    row_cos, col_cos = ref.orientation[:3], ref.orientation[3:]
+    normal = np.cross(row_cos, col_cos)
+    if np.linalg.norm(normal) < 0.99:
+        raise VolumeRejected("ImageOrientationPatient cosines are not orthonormal")
+    normal /= np.linalg.norm(normal)
+    # Axial: normal within 30 degrees of the patient's head-feet axis.
+    if abs(normal[2]) < math.cos(math.radians(30)):
+        raise VolumeRejected("not an axial series (slice normal far from the head-feet axis)")
+
+    dist = np.array([float(h.position @ normal) for h in headers])
+    order = np.argsort(dist, kind="stable")
+    headers = [headers[i] for i in order]
+    dist = dist[order]
+    steps = np.diff(dist)
+    if np.any(steps < 1e-3):
+        raise VolumeRejected("duplicate slice positions (several reconstructions or repeated slices in one series?)")
+    median = float(np.median(steps))
+    if float(steps.max()) > _GAP_FACTOR * median:
+        raise VolumeRejected(f"gap in slice positions ({steps.max():.2f} mm vs typical {median:.2f} mm): missing slices")
+    # Gantry tilt: the positions move along a direction that is not the normal.
+    span = headers[-1].position - headers[0].position
+    cos_tilt = float(abs(span @ normal) / max(np.linalg.norm(span), 1e-9))
+    tilt = math.degrees(math.acos(min(1.0, cos_tilt)))
+    if tilt > max_tilt_deg:
+        raise VolumeRejected(f"gantry tilt {tilt:.1f} degrees beyond tolerance ({max_tilt_deg:.1f})")
+
+    spacing_z = float((dist[-1] - dist[0]) / (len(dist) - 1))
+    n, ny, nx = len(headers), ref.rows, ref.columns
+    hu = np.empty((n, ny, nx), dtype=np.float32)
+    thickness: float | None = None
+    series_uid = study_uid = ""
+    for i, h in enumerate(headers):
+        ds = pydicom.dcmread(h.path)
+        if i == 0:
+            series_uid = str(ds.get("SeriesInstanceUID", ""))
+            study_uid = str(ds.get("StudyInstanceUID", ""))
+            st = ds.get("SliceThickness")
+            thickness = float(st) if st not in (None, "") else None
+        elif str(ds.get("SeriesInstanceUID", "")) != series_uid:
+            raise VolumeRejected("files of more than one series in the folder")
+        try:
+            pixels = ds.pixel_array
+        except Exception as exc:  # decoder errors come in many types
+            raise VolumeRejected(f"pixel data cannot be decoded ({type(exc).__name__})") from exc
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        hu[i] = pixels.astype(np.float32) * slope + intercept
+
+    # Canonical in-plane directions: rows along +x (patient left), columns along +y (posterior).
+    if row_cos[0] < 0:
+        hu = hu[:, :, ::-1]
+    if col_cos[1] < 0:
+        hu = hu[:, ::-1, :]
+    hu = np.ascontiguousarray(hu)
+    return CTVolume(
+        hu=hu,
+        spacing=(spacing_z, ref.pixel_spacing[0], ref.pixel_spacing[1]),
+        origin=tuple(float(v) for v in headers[0].position),  # type: ignore[arg-type]
+        orientation=tuple(float(v) for v in ref.orientation),
+        sop_instance_uids=[h.sop_uid for h in headers],
+        instance_numbers=[h.instance_number for h in headers],
+        positions_mm=[float(d) for d in dist],
+        series_instance_uid=series_uid,
+        study_instance_uid=study_uid,
+        slice_thickness=thickness,
+        flipped_y=bool(col_cos[1] < 0),
+        flipped_x=bool(row_cos[0] < 0),
+    )
