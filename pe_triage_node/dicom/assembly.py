@@ -70,7 +70,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import CursorResult, Engine, Update, func, select, text, update
+from sqlalchemy import CursorResult, Engine, Update, case, func, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -181,12 +181,34 @@ class SeriesAssembler:
                         association_id, exc_info=True)
 
     def sweep(self, now: dt.datetime | None = None) -> None:
-        """One pass of the interval job: quiet periods, late instances, pending selections."""
+        """One pass of the interval job: quiet periods, late instances, pending selections.
+
+        One read transaction finds the work; only series that may change get a
+        write transaction (on SQLite every transaction takes the write lock).
+        """
         when = _now(now)
+        quiet = dt.timedelta(seconds=self.cfg.assembly.quiet_period_s)
         with Session(self.engine) as s:
-            receiving = list(s.scalars(select(Series.id).where(Series.state == SeriesState.receiving)))
+            open_assoc = case((Association.released_at.is_(None), Association.id))
+            receiving = s.execute(
+                select(
+                    Series.id,
+                    Series.last_received_at,
+                    func.max(Instance.received_at),
+                    func.count(func.distinct(open_assoc)),
+                )
+                .select_from(Series)
+                .outerjoin(Instance, Instance.series_id == Series.id)
+                .outerjoin(Association, Association.id == Instance.association_id)
+                .where(Series.state == SeriesState.receiving)
+                .group_by(Series.id, Series.last_received_at)
+            ).all()
+            due: list[int] = []
+            for series_id, last_series, last_instance, open_count in receiving:
+                stamps = [t for t in (_utc(last_series), _utc(last_instance)) if t is not None]
+                if open_count == 0 or not stamps or when - max(stamps) >= quiet:
+                    due.append(series_id)
             recent = self._recent_association_ids(s, when)
-            late: list[int] = []
             if recent:
                 carried = select(Instance.series_id).where(Instance.association_id.in_(recent)).distinct()
                 rows = s.execute(
@@ -195,14 +217,19 @@ class SeriesAssembler:
                     .where(Series.id.in_(carried), Series.state.in_(_DONE_STATES))
                     .group_by(Series.id, Series.completion_reason)
                 ).all()
-                late = [
+                due += [
                     sid for sid, reason, n in rows
                     if (before := count_at_completion(reason)) is not None and n > before
                 ]
+            still_receiving = select(Series.study_id).where(Series.state == SeriesState.receiving)
             pending = set(
-                s.scalars(select(Series.study_id).where(Series.state == SeriesState.complete).distinct())
+                s.scalars(
+                    select(Series.study_id)
+                    .where(Series.state == SeriesState.complete, Series.study_id.not_in(still_receiving))
+                    .distinct()
+                )
             )
-        studies = self._check_series(receiving + late, when)
+        studies = self._check_series(due, when)
         self._select_studies(studies | pending, when)
 
     # -- completion -----------------------------------------------------
@@ -230,8 +257,10 @@ class SeriesAssembler:
                 return None
             self._lock_study(s, row.study_id)
             series = s.get(Series, series_id, populate_existing=True)
-            if series is None or series.state == SeriesState.ignored:
+            if series is None:
                 return None
+            if series.state == SeriesState.ignored:
+                return series.study_id  # the study pass records its rejection once
             state, generation = series.state, series.generation
             uid = series.series_instance_uid
 
@@ -362,17 +391,20 @@ class SeriesAssembler:
                 return
             series = list(s.scalars(select(Series).where(Series.study_id == study_id).order_by(Series.id)))
             states = {se.state for se in series}
-            if SeriesState.receiving in states or SeriesState.complete not in states:
-                return  # still arriving, or nothing new since the last selection
+            if SeriesState.receiving in states:
+                return  # selection waits until every series of the study is complete
             last_stage = self._last_rejection_stage(s, [se.series_instance_uid for se in series])
+            for se in series:
+                if se.state == SeriesState.ignored and se.series_instance_uid not in last_stage:
+                    cand = self._candidate(s, se, study, ignored=True)
+                    reason = check_series(cand, self.cfg.selection) or "recorded as ignored on receipt"
+                    self._reject(s, se, cand, reason, now, record_only=True)
+            if SeriesState.complete not in states:
+                return  # nothing new since the last selection
             candidates: dict[str, tuple[Series, SeriesCandidate]] = {}
             for se in series:
                 uid = se.series_instance_uid
                 if se.state == SeriesState.ignored:
-                    if uid not in last_stage:
-                        cand = self._candidate(s, se, study, ignored=True)
-                        reason = check_series(cand, self.cfg.selection) or "recorded as ignored on receipt"
-                        self._reject(s, se, cand, reason, now, record_only=True)
                     continue
                 if se.state == SeriesState.rejected and last_stage.get(uid) != "selection":
                     continue  # rejected by a later stage (e.g. inference): not a candidate again
@@ -432,7 +464,7 @@ class SeriesAssembler:
         """Record a selection rejection; unless ``record_only``, set the series ``rejected``."""
         if not record_only:
             if se.state == SeriesState.selected:
-                reason = f"{reason} (superseded the earlier choice of this series)"
+                reason = f"{reason} (this series was selected before and is superseded)"
             changed = _changed(
                 s,
                 update(Series)

@@ -10,7 +10,9 @@ import json
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
+import pydicom
 import pytest
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
@@ -434,3 +436,67 @@ def test_scheduler_runs_the_sweep(engine: Engine) -> None:
 @pytest.mark.parametrize("reason", [None, "", "something else"])
 def test_count_at_completion_tolerates_foreign_text(reason: str | None) -> None:
     assert count_at_completion(reason) is None
+
+
+REALDATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "realdata" / "lung-pet-ct-dx"
+
+
+def test_real_headers_through_the_assembler(engine: Engine) -> None:
+    """The two real studies, indexed as the receiver would: one series selected per study."""
+    if not REALDATA.is_dir():
+        pytest.skip(f"real series not available: {REALDATA.resolve()} is absent (only in the shared workspace)")
+    asm = SeriesAssembler(engine, cfg())
+    a = Feed(engine).association()
+    expected = {"Lung_Dx-A0001": ("B", "kernel L is a sharp/lung kernel"),
+                "Lung_Dx-A0002": ("B40f", "kernel B70f is a sharp/lung kernel")}
+    study_uids: dict[str, str] = {}
+    with Session(engine) as s, s.begin():
+        for study_dir in sorted(p for p in REALDATA.glob("*/*") if p.is_dir()):
+            study: Study | None = None
+            for series_dir in sorted(p for p in study_dir.iterdir() if p.is_dir()):
+                headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(series_dir.glob("*.dcm"))]
+                h = headers[0]
+                if study is None:
+                    study = Study(study_instance_uid=h.StudyInstanceUID, study_description=h.get("StudyDescription"))
+                    s.add(study)
+                    study_uids[study_dir.parent.name] = h.StudyInstanceUID
+                se = Series(study=study, series_instance_uid=h.SeriesInstanceUID, modality=h.Modality,
+                            sop_class_uid=h.SOPClassUID, series_number=int(h.SeriesNumber),
+                            series_description=h.get("SeriesDescription"), protocol_name=h.get("ProtocolName"),
+                            image_type="\\".join(h.ImageType), convolution_kernel=str(h.ConvolutionKernel),
+                            slice_thickness=float(h.SliceThickness), state=SeriesState.receiving,
+                            instance_count=len(headers), generation=0,
+                            first_received_at=at(1), last_received_at=at(1))
+                s.add(se)
+                for d in headers:
+                    s.add(Instance(series=se, sop_instance_uid=d.SOPInstanceUID, sop_class_uid=d.SOPClassUID,
+                                   transfer_syntax_uid=str(d.file_meta.TransferSyntaxUID), spool_path="x",
+                                   size_bytes=1, instance_number=int(d.InstanceNumber),
+                                   image_position_patient="\\".join(str(v) for v in d.ImagePositionPatient),
+                                   image_orientation_patient="\\".join(str(v) for v in d.ImageOrientationPatient),
+                                   slice_thickness=float(d.SliceThickness), association_id=a,
+                                   received_at=at(1)))
+    Feed(engine).release(a, 2)
+    asm.on_association_released(a, now=at(2))
+    for name, (kernel, reason) in expected.items():
+        with Session(engine) as s:  # closed before the helpers open theirs (SQLite: one writer)
+            rows = s.execute(select(Series.convolution_kernel, Series.state, Series.series_instance_uid)
+                             .join(Study).where(Study.study_instance_uid == study_uids[name])).all()
+        chosen = [r for r in rows if r.state == SeriesState.selected]
+        assert [r.convolution_kernel for r in chosen] == [kernel], name
+        (other,) = [r for r in rows if r.state == SeriesState.rejected]
+        assert rejections(engine, other.series_instance_uid)[0].startswith(reason)
+        assert len(infer_jobs(engine, chosen[0].series_instance_uid)) == 1
+
+
+def test_a_study_of_only_ignored_series_gets_its_rejection_on_release(engine: Engine) -> None:
+    feed, asm = Feed(engine), SeriesAssembler(engine, cfg())
+    sid, uid = feed.series(feed.study(), number=99, sop_class=DOSE_SR, modality="SR", state=SeriesState.ignored)
+    a = feed.association()
+    feed.instances(sid, [0.0], a, when=1, sop_class=DOSE_SR)
+    feed.release(a, 2)
+    asm.on_association_released(a, now=at(2))
+    asm.on_association_released(a, now=at(3))
+    (reason,) = rejections(engine, uid)
+    assert "X-Ray Radiation Dose SR Storage" in reason and "ignored" in reason
+    assert series_row(engine, sid).state == SeriesState.ignored
