@@ -68,7 +68,7 @@ def _pg_admin(sql: str) -> None:
 
     url = make_url(PG_ADMIN_URL)
     with psycopg.connect(_pg_conninfo(url.database or "postgres"), autocommit=True) as conn:
-        conn.execute(sql)  # type: ignore[arg-type]  # names below are generated, not user input
+        conn.execute(sql)  # type: ignore[arg-type,unused-ignore]  # generated names, no user input
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

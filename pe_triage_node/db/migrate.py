@@ -16,7 +16,10 @@ at the revision it had before.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -25,6 +28,7 @@ from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 import pe_triage_node
 from pe_triage_node.db.session import make_engine
@@ -34,6 +38,9 @@ log = logging.getLogger(__name__)
 
 # Arbitrary constant ("PETR") naming the advisory lock that serialises PostgreSQL upgrades.
 _PG_MIGRATION_LOCK = 0x50455452
+_SQLITE_LOCK_RETRIES = 6
+
+T = TypeVar("T")
 
 
 class MigrationError(PETriageError):
@@ -89,9 +96,41 @@ def _upgrade_connection(connection: Connection, revision: str) -> None:
         log.info("database schema upgraded from %s to %s", before or "empty", after)
 
 
+def _retry_sqlite_lock(engine: Engine, work: Callable[[], T]) -> T:
+    """Run ``work``, retrying a few times when SQLite reports "database is locked".
+
+    On a brand-new SQLite file, ``PRAGMA journal_mode=WAL`` (run on every connect by
+    :func:`~pe_triage_node.db.session.make_engine`) fails at once, without waiting
+    for the busy timeout, when another process is switching the same file to WAL
+    at the same moment: services starting together on a fresh install hit this.
+    Once the file is in WAL mode the race is gone. The work is one transaction,
+    so a retry starts from a clean state.
+    """
+    for attempt in range(_SQLITE_LOCK_RETRIES - 1):
+        try:
+            return work()
+        except OperationalError as exc:
+            if engine.dialect.name != "sqlite" or "database is locked" not in str(exc.orig):
+                raise
+            log.info("SQLite database locked while opening it, retrying")
+            time.sleep(0.05 * 2**attempt)
+    return work()  # last try: let the error through
+
+
 def _upgrade_engine(engine: Engine, revision: str) -> None:
-    with engine.begin() as connection:
-        _upgrade_connection(connection, revision)
+    def work() -> None:
+        with engine.begin() as connection:
+            _upgrade_connection(connection, revision)
+
+    _retry_sqlite_lock(engine, work)
+
+
+def _current_engine(engine: Engine) -> str | None:
+    def work() -> str | None:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+
+    return _retry_sqlite_lock(engine, work)
 
 
 def upgrade(url: str, revision: str = "head") -> None:
@@ -118,8 +157,7 @@ def current(url: str) -> str | None:
             return None
     engine = make_engine(url)
     try:
-        with engine.connect() as connection:
-            return MigrationContext.configure(connection).get_current_revision()
+        return _current_engine(engine)
     finally:
         engine.dispose()
 
@@ -135,8 +173,7 @@ def ensure_schema(engine_or_url: Engine | str) -> str:
         revision = current(engine_or_url)
     else:
         _upgrade_engine(engine_or_url, "head")
-        with engine_or_url.connect() as connection:
-            revision = MigrationContext.configure(connection).get_current_revision()
+        revision = _current_engine(engine_or_url)
     if revision is None:  # pragma: no cover - upgrade to head always stamps a revision
         raise MigrationError("database has no schema revision after upgrade")
     return revision

@@ -12,12 +12,12 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pe_triage_node.db.models import Job, JobEvent, JobKind, JobState
-from pe_triage_node.queue.jobs import _ACTIVE, _event, _now, _rowcount
+from pe_triage_node.queue.jobs import _ACTIVE_SQL, _event, _now, _rowcount
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def requeue(engine: Engine, job_id: int, *, actor: str, now: dt.datetime | None 
         if job is None:
             raise LookupError(f"no job with id {job_id}")
         if job.dedupe_key is not None and s.scalar(
-            select(Job.id).where(Job.dedupe_key == job.dedupe_key, Job.state.in_(_ACTIVE))
+            select(Job.id).where(Job.dedupe_key == job.dedupe_key, text(_ACTIVE_SQL))
         ) is not None:
             return False
         try:

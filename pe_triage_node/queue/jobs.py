@@ -44,7 +44,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, Result, func, or_, select, update
+from sqlalchemy import CursorResult, Engine, Result, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -61,6 +61,9 @@ _UID_MAX = 64
 _DEDUPE_MAX = 200
 _WORKER_MAX = 128
 _ACTIVE = (JobState.queued, JobState.running)
+# The predicate of the partial index uq_jobs_active_dedupe, spelled with literals:
+# with bound parameters neither SQLite nor a generic PostgreSQL plan can use that index.
+_ACTIVE_SQL = "jobs.state IN ('queued','running')"
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,7 @@ def backoff_delay(attempt: int, base_s: float = 5.0, cap_s: float = 600.0) -> fl
 def _active_by_key(session: Session, dedupe_key: str) -> Job | None:
     # Served by the partial unique index uq_jobs_active_dedupe (same predicate).
     return session.scalars(
-        select(Job).where(Job.dedupe_key == dedupe_key, Job.state.in_(_ACTIVE))
+        select(Job).where(Job.dedupe_key == dedupe_key, text(_ACTIVE_SQL))
     ).one_or_none()
 
 
