@@ -397,7 +397,8 @@ def claim(
 
 def _lease_lost(session: Session, job_id: int, worker_id: str, at: dt.datetime, what: str) -> None:
     if session.get(Job, job_id) is None:
-        raise LookupError(f"no job with id {job_id}")
+        log.warning("job %d: %s by %s refused, no such job", job_id, what, worker_id)
+        return
     _event(session, job_id, at, "lease-lost", worker=worker_id, detail=what)
     log.warning("job %d: %s by %s refused, the worker no longer holds its lease", job_id, what, worker_id)
 

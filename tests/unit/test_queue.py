@@ -306,9 +306,10 @@ def test_fail_without_retry_is_dead_at_once(engine: Engine) -> None:
     assert load(engine, job_id).attempts == 1
 
 
-def test_fail_of_unknown_job_raises(engine: Engine) -> None:
+def test_unknown_job(engine: Engine) -> None:
     with pytest.raises(LookupError):
         fail(engine, 12345, "w1", "x")
+    assert not heartbeat(engine, 12345, "w1") and not complete(engine, 12345, "w1")
 
 
 def test_backoff_delay_is_exponential_and_capped() -> None:
