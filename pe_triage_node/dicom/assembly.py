@@ -71,7 +71,6 @@ from typing import Any, cast
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import CursorResult, Engine, Update, case, func, select, text, update
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from pe_triage_node.config import NodeConfig
@@ -99,6 +98,8 @@ log = logging.getLogger(__name__)
 
 # Namespace of the per-study advisory lock (pg_advisory_xact_lock(int, int)): "PE".
 _STUDY_LOCK_NS = 0x5045
+# Row-lock wait cap inside assembler transactions (PostgreSQL's deadlock_timeout defaults to 1 s).
+_ROW_LOCK_TIMEOUT_MS = 500
 # Associations looked at by sweep for late instances: open ones this young, released ones this recent.
 _OPEN_ASSOCIATION_MAX_AGE = dt.timedelta(days=1)
 _LATE_WINDOW_MIN = dt.timedelta(minutes=10)
@@ -176,7 +177,7 @@ class SeriesAssembler:
                 )
             studies = self._check_series(series_ids, when)
             self._select_studies(studies, when)
-        except SQLAlchemyError:
+        except Exception:  # never into the receiver's release handler; the sweep retries
             log.warning("assembly after release failed association=%s; sweep retries",
                         association_id, exc_info=True)
 
@@ -240,7 +241,7 @@ class SeriesAssembler:
         for series_id in dict.fromkeys(series_ids):
             try:
                 study_id = self._check_one(series_id, now)
-            except SQLAlchemyError:
+            except Exception:  # one bad series must not stop the others; the next sweep retries
                 log.warning("assembly check failed series_id=%d", series_id, exc_info=True)
                 continue
             if study_id is not None:
@@ -379,7 +380,7 @@ class SeriesAssembler:
         for study_id in sorted(set(study_ids)):
             try:
                 self._select_study(study_id, now)
-            except SQLAlchemyError:
+            except Exception:
                 log.warning("selection failed study_id=%d; sweep retries", study_id, exc_info=True)
 
     def _select_study(self, study_id: int, now: dt.datetime) -> None:
@@ -507,9 +508,16 @@ class SeriesAssembler:
 
     @staticmethod
     def _lock_study(s: Session, study_id: int) -> None:
-        """Serialise assembler transactions of one study (PostgreSQL; SQLite already is)."""
+        """Serialise assembler transactions of one study (PostgreSQL; SQLite already is).
+
+        After the advisory lock, row-lock waits are capped below PostgreSQL's
+        deadlock_timeout: should a receiver batch and this transaction ever lock
+        series rows in opposite orders, the assembler is the one that gives up
+        (and retries on the next sweep), never the receiver's insert.
+        """
         if is_postgres(s.get_bind()):  # type: ignore[arg-type]
             s.execute(text("SELECT pg_advisory_xact_lock(:ns, :id)"), {"ns": _STUDY_LOCK_NS, "id": study_id})
+            s.execute(text(f"SET LOCAL lock_timeout = '{_ROW_LOCK_TIMEOUT_MS}ms'"))
 
     @staticmethod
     def _last_rejection_stage(s: Session, uids: list[str]) -> dict[str, str]:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from pe_triage_node.config import SelectionSection
@@ -198,10 +199,6 @@ class StudySelection:
     chosen: SeriesCandidate | None
     rejected: dict[str, str] = field(default_factory=dict)  # series UID -> reason
 
-    @property
-    def reasons(self) -> dict[str, str]:
-        return self.rejected
-
 
 def split_values(value: str | Iterable[str] | None) -> tuple[str, ...]:
     """A multi-valued CS attribute as a tuple of upper-cased values."""
@@ -345,7 +342,7 @@ def candidate_from_headers(datasets: Sequence[Any], *, ignored: bool = False) ->
         value = ds.get(keyword)
         if value is None or value == "":
             return None
-        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        if isinstance(value, (list, tuple, MultiValue)):
             return "\\".join(str(v) for v in value)
         return str(value)
 
