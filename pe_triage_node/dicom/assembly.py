@@ -47,8 +47,11 @@ Several series per study (selection timing)
     completes later (a new reconstruction sent afterwards, or a re-opened one)
     triggers a new selection: if another series now wins, it is selected and
     gets its job, and the previous choice is rejected with the reason
-    ("... chosen instead"). Series the receiver marked ``ignored`` are never
-    candidates; they get one selection rejection row unless one exists.
+    ("... chosen instead"; its already queued job is not cancelled, see
+    above). A series rejected by a later stage (e.g. inference) is not a
+    candidate again unless late instances re-open it. Series the receiver
+    marked ``ignored`` are never candidates; each gets one selection
+    rejection row unless it already has one.
 
 Concurrency
     ``on_association_released`` and ``sweep`` may run in several processes at
@@ -56,7 +59,11 @@ Concurrency
     generation=:g`` checked by rowcount (completion also checks the instance
     count it decided on), each study's changes happen under a transaction-
     scoped advisory lock on PostgreSQL (SQLite's ``BEGIN IMMEDIATE`` serialises
-    writers), and the job's dedupe key makes a second enqueue a no-op.
+    writers), and the job's dedupe key makes a second enqueue a no-op. On
+    PostgreSQL row-lock waits inside these transactions are capped at 500 ms,
+    so a lock-order conflict with a receiver batch aborts the assembler's
+    transaction (retried on the next sweep), never the receiver's.
+    Entry points never raise: errors are logged and the next sweep retries.
 """
 
 from __future__ import annotations
