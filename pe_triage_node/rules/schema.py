@@ -32,6 +32,7 @@ from pydantic import (
     Discriminator,
     Field,
     PrivateAttr,
+    StrictBool,
     Tag,
     ValidationError,
     field_validator,
@@ -189,7 +190,7 @@ class LabelCondition(_Node):
     """A consistent study label is (or is not) set: ``{ label = "central_pe", is = true }``."""
 
     label: str
-    is_: bool = Field(True, alias="is")
+    is_: StrictBool = Field(True, alias="is")
 
     _name = field_validator("label")(classmethod(lambda cls, v: _check_label(v)))
 
