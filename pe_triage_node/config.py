@@ -152,6 +152,7 @@ class QueueSection(_Section):
     heartbeat_s: float = Field(15.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     poll_interval_s: float = Field(1.0, gt=0)
+    max_wait_s: float = Field(1800.0, gt=0)
 
     @model_validator(mode="after")
     def _heartbeat_inside_lease(self) -> QueueSection:

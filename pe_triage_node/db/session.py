@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-
 
 def make_engine(url: str, echo: bool = False) -> Engine:
     """Create the process's engine. SQLite gets WAL, a busy timeout and FULL sync."""
@@ -26,7 +25,7 @@ def make_engine(url: str, echo: bool = False) -> Engine:
             # Let SQLAlchemy own transactions: BEGIN IMMEDIATE avoids lock upgrade deadlocks.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            _set_wal(cur)
             cur.execute("PRAGMA synchronous=FULL")  # an acknowledged row survives power loss
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
@@ -39,6 +38,18 @@ def make_engine(url: str, echo: bool = False) -> Engine:
         return engine
     kwargs["pool_pre_ping"] = True
     return create_engine(url, **kwargs)
+
+
+def _set_wal(cur: Any, attempts: int = 50) -> None:
+    """Switch to WAL; a brand-new file opened by two processes at once may be briefly locked."""
+    for attempt in range(attempts):
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def is_postgres(engine: Engine) -> bool:
