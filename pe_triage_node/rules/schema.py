@@ -174,8 +174,12 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-class _Node(BaseModel):
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=False)
+
+
+class _Node(_Strict):
+    """A condition."""
 
     def evaluate(self, ctx: EvaluationContext) -> tuple[bool, str]:  # pragma: no cover - abstract
         """Whether the condition holds, and the evidence in words (no patient values)."""
@@ -458,7 +462,7 @@ for _model in (AllCondition, AnyCondition, NotCondition):
     _model.model_rebuild()
 
 
-class Rule(_Node):
+class Rule(_Strict):
     """One rule: when the condition holds, the study gets ``priority`` and ``flags``."""
 
     name: str = Field(min_length=1, max_length=200)
@@ -491,7 +495,7 @@ class Rule(_Node):
         return f"{self.name} → {self.priority.value}{flags} when {self.when.describe()}"
 
 
-class RuleSet(_Node):
+class RuleSet(_Strict):
     """An ordered list of rules (first match wins) and the priority when none matches."""
 
     rules: list[Rule] = Field(default_factory=list)

@@ -22,7 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pe_triage_node.db.models import RuleSetRecord, TriageResult
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RULES_PATH = Path("config/rules.toml")
 PACKAGED_RULES = "default_rules.toml"
+# Arbitrary constant ("RULE") naming the advisory lock that serialises rule changes on PostgreSQL.
+_PG_RULES_LOCK = 0x52554C45
 
 
 class RuleChangeRefused(PETriageError):
@@ -117,11 +120,12 @@ def _switch(
     author = _require(author, "author")
     comment = _require(comment, "comment")
     parse_rules(toml_text, "new rules")  # validate first: RulesError names rule and field
-    # Lock the active row (PostgreSQL) so two concurrent changes serialise; the
-    # partial unique index refuses a second active row in any case.
-    current = session.scalars(
-        select(RuleSetRecord).where(RuleSetRecord.active.is_(True)).with_for_update()
-    ).first()
+    # Serialise changes: on PostgreSQL a transaction-scoped advisory lock (so the
+    # second change sees the first one's row); SQLite's BEGIN IMMEDIATE already
+    # does. The partial unique index refuses a second active row in any case.
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_RULES_LOCK})
+    current = session.scalars(select(RuleSetRecord).where(RuleSetRecord.active.is_(True))).first()
     if current is not None:
         previous_text, previous_source = current.toml_text, f"rule set {current.id}"
         session.execute(update(RuleSetRecord).where(RuleSetRecord.id == current.id).values(active=False))
@@ -140,9 +144,10 @@ def _switch(
         restored_from_id=restored_from_id,
     )
     session.add(row)
-    session.flush()
-    if current is not None:
-        session.expire(current, ["active"])
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        raise RuleChangeRefused("another change of the active rules was made at the same time; retry") from exc
     log.info(
         "priority rules changed: rule set %d active (%s, replaces %s)", row.id, action, previous_source
     )

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -167,6 +168,31 @@ def test_at_most_one_active_row(engine: Engine) -> None:
         s.execute(insert(RuleSetRecord).values(**row))
     with Session(engine) as s, s.begin():  # inactive rows are fine
         s.execute(insert(RuleSetRecord).values(**(row | {"active": False})))
+
+
+def test_concurrent_changes_chain_up(engine: Engine) -> None:
+    """Two admins saving at once: both recorded, one after the other, one active."""
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def change(author: str) -> None:
+        try:
+            start.wait()
+            with Session(engine) as s, s.begin():
+                activate(s, STRICTER, author, "at the same time")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=change, args=(name,)) for name in ("ann", "ben")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    with Session(engine) as s:
+        newer, older = history(s)
+    assert (older.previous_id, newer.previous_id) == (None, older.rule_set_id)
+    assert (older.active, newer.active) == (False, True)
 
 
 # -- replay ---------------------------------------------------------------------
