@@ -22,6 +22,7 @@ _ROOMS = (
     "pe_triage_node.services.cli",
     "pe_triage_node.inference.cli",
     "pe_triage_node.synth.cli",
+    "pe_triage_node.rules.cli",
 )
 
 
