@@ -31,12 +31,26 @@ def gradcam_autograd(encoder: WindowEncoder, window: torch.Tensor) -> torch.Tens
     return cam.detach()
 
 
-def upsample_cam(cam: torch.Tensor, size: tuple[int, int, int]) -> tuple[torch.Tensor, float]:
+# Cell i of r3d_18's layer4 is centred on input voxel i * stride (every strided conv
+# pads by half its kernel), not on the middle of a stride-wide block.
+LAYER4_STRIDE = (8, 16, 16)
+
+
+def upsample_cam(cam: torch.Tensor, size: tuple[int, int, int], stride: tuple[int, int, int] = LAYER4_STRIDE) -> tuple[torch.Tensor, float]:
     """ReLU, trilinear upsampling of a (T', H', W') map to the window ``size``, scaled to [0, 1].
 
+    Input voxel p reads the map at cell coordinate p / stride (clamped to the
+    last cell), which keeps the heat map where the network's receptive fields
+    are; a plain ``interpolate`` would shift it by half a stride.
     Returns the map and its maximum before scaling (0 when nothing is positive).
     """
-    up = F.interpolate(cam[None, None].float(), size=size, mode="trilinear", align_corners=False)[0, 0].clamp_(min=0)
+    axes = []
+    for n_out, n_in, st in zip(size, cam.shape, stride):
+        c = (torch.arange(n_out, dtype=torch.float32, device=cam.device) / st).clamp_(max=n_in - 1)
+        axes.append(2 * c / max(n_in - 1, 1) - 1 if n_in > 1 else torch.zeros_like(c))
+    gz, gy, gx = torch.meshgrid(*axes, indexing="ij")
+    grid = torch.stack([gx, gy, gz], dim=-1)[None]  # grid_sample wants (x, y, z)
+    up = F.grid_sample(cam[None, None].float(), grid, mode="bilinear", align_corners=True)[0, 0].clamp_(min=0)
     peak = float(up.max())
     return (up / peak if peak > 0 else up), peak
 

@@ -151,6 +151,8 @@ def load_ct_volume(
     if np.linalg.norm(normal) < 0.99:
         raise VolumeRejected("ImageOrientationPatient cosines are not orthonormal")
     normal /= np.linalg.norm(normal)
+    if normal[2] < 0:
+        normal = -normal  # order slices feet to head whatever the cosines' handedness
     # Axial: normal within 30 degrees of the patient's head-feet axis.
     if abs(normal[2]) < math.cos(math.radians(30)):
         raise VolumeRejected("not an axial series (slice normal far from the head-feet axis)")

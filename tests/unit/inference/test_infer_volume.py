@@ -148,3 +148,11 @@ def test_refuses_empty_and_missing_folder(tmp_path: Path) -> None:
         load_ct_volume(tmp_path)
     with pytest.raises(VolumeRejected, match="not a folder"):
         load_ct_volume(tmp_path / "absent")
+
+
+def test_left_handed_cosines_still_run_feet_to_head(tmp_path: Path) -> None:
+    # normal of [1,0,0, 0,-1,0] points to the feet; slices must still come out in increasing z
+    write_ct_series(_ramp(), tmp_path, extra={"ImageOrientationPatient": [1, 0, 0, 0, -1, 0]})
+    vol = load_ct_volume(tmp_path)
+    assert vol.hu[:, 0, 0].tolist() == [i * 10.0 for i in range(12)]
+    assert vol.flipped_y and not vol.flipped_x
