@@ -79,7 +79,10 @@ class ReceiverSection(_Section):
     dimse_timeout_s: float = Field(60.0, gt=0)
     tls: TLSSection = Field(default_factory=TLSSection)
 
-    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+    @field_validator("ae_title")
+    @classmethod
+    def _check_own_ae(cls, v: str) -> str:
+        return _check_ae(v)
 
     @field_validator("allowed_calling_aets")
     @classmethod
@@ -118,7 +121,7 @@ class SelectionSection(_Section):
     study_description_include: str | None = None
     protocol_name_include: str | None = None
     kernel_exclude: str | None = None
-    soft_tissue_kernel: str = r"(?i)^(B|I)?[2-4]\d|standard|soft|^[BCD]$|^FC0?[1-4]\d?$|^FC1\d$"
+    soft_tissue_kernel: str = r"(?i)^(B[rfv]?|I[rfv]?)?[2-4]\d|standard|soft|^[BCD]$|^FC0?[1-4]\d?$|^FC1\d$"
 
     @field_validator(
         "series_description_include",
