@@ -164,6 +164,19 @@ class QueueSection(_Section):
         return self
 
 
+class WebSection(_Section):
+    """The web console (worklist, study pages, rules editor, operations, /metrics)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    # Send cookies only over HTTPS (set true behind a TLS-terminating proxy).
+    secure_cookies: bool = False
+    session_idle_minutes: int = Field(120, ge=1, le=7 * 24 * 60)
+    session_max_hours: int = Field(12, ge=1, le=24 * 31)
+    worklist_refresh_s: int = Field(15, ge=2, le=3600)
+    worklist_limit: int = Field(500, ge=10, le=10_000)
+
+
 class NodeConfig(BaseSettings):
     """The effective configuration of one node process."""
 
@@ -179,6 +192,7 @@ class NodeConfig(BaseSettings):
     selection: SelectionSection = Field(default_factory=SelectionSection)
     inference: InferenceSection = Field(default_factory=InferenceSection)
     queue: QueueSection = Field(default_factory=QueueSection)
+    web: WebSection = Field(default_factory=WebSection)
 
     @classmethod
     def settings_customise_sources(

@@ -300,3 +300,45 @@ class TriageResult(Base):
     explanation: Mapped[str | None] = mapped_column(Text, default=None)
     result_json: Mapped[str] = mapped_column(Text, default="{}")  # the full serialised StudyResult
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+
+
+# -- web console: users, sessions, audit log (web room; migration 0003) ----------
+
+
+class WebUser(Base):
+    """A person who may sign in to the web console; the password is stored as an argon2 hash."""
+
+    __tablename__ = "web_users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16), default="viewer")  # viewer / admin
+    disabled: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_sign_in_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+class WebSession(Base):
+    """A signed-in browser: the cookie holds a random token, the table only its sha256."""
+
+    __tablename__ = "web_sessions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("web_users.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(index=True)
+
+
+class AuditEvent(Base):
+    """Append-only log of sign-ins and changes made through the console or ``pe-triage users``."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    username: Mapped[str | None] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32))  # sign-in / sign-in-failed / rules-activate / ...
+    target: Mapped[str | None] = mapped_column(String(200))  # "rule set 4", "job 17" (no PHI)
+    detail: Mapped[str | None] = mapped_column(Text)
+    remote_addr: Mapped[str | None] = mapped_column(String(64))
