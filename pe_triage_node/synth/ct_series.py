@@ -7,7 +7,7 @@ generator, the tests and the benchmarks all call :func:`write_ct_series`.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,21 +59,29 @@ def write_ct_series(
     origin: tuple[float, float, float] | None = None,
     extra: Mapping[str, Any] | None = None,
     filename_prefix: str = "",
+    sop_instance_uids: Sequence[str] | None = None,
+    frame_of_reference_uid: str | None = None,
+    name_files_by_uid: bool = False,
 ) -> list[Path]:
     """Write ``volume_hu`` (z, y, x; index 0 the most inferior slice) as one CT series.
 
     Positions follow the volume (z increases towards the head, PS3.3 C.7.6.2.1.1),
     pixel data is int16 with RescaleIntercept 0 and slope 1. ``extra`` sets
     further attributes by keyword on every slice. Returns the written paths in
-    slice order; files are named ``<prefix><index:04d>.dcm``.
+    slice order; files are named ``<prefix><index:04d>.dcm``, or
+    ``<SOPInstanceUID>.dcm`` with ``name_files_by_uid`` (the RSPECT layout).
+    ``sop_instance_uids`` (one per slice) and ``frame_of_reference_uid`` make
+    the UIDs reproducible; by default they are fresh.
     """
     if volume_hu.ndim != 3:
         raise ValueError(f"volume must be 3-D (z, y, x), got shape {volume_hu.shape}")
     if transfer_syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
         raise ValueError("write uncompressed; compress afterwards (dcmcjpls, dcmcjpeg...)")
+    if sop_instance_uids is not None and len(sop_instance_uids) != volume_hu.shape[0]:
+        raise ValueError(f"{len(sop_instance_uids)} SOP Instance UIDs for {volume_hu.shape[0]} slices")
     study = study or StudyIdentity()
     series_uid = series_instance_uid or generate_uid(SYNTH_UID_PREFIX)
-    frame_uid = generate_uid(SYNTH_UID_PREFIX)
+    frame_uid = frame_of_reference_uid or generate_uid(SYNTH_UID_PREFIX)
     nz, ny, nx = volume_hu.shape
     ox, oy, oz = origin if origin is not None else (-nx * pixel_spacing[1] / 2, -ny * pixel_spacing[0] / 2, 0.0)
     pixels = np.clip(np.rint(volume_hu), -32768, 32767).astype("<i2")
@@ -81,7 +89,7 @@ def write_ct_series(
     now = dt.datetime.now()
     paths: list[Path] = []
     for i in range(nz):
-        sop_uid = generate_uid(SYNTH_UID_PREFIX)
+        sop_uid = sop_instance_uids[i] if sop_instance_uids is not None else generate_uid(SYNTH_UID_PREFIX)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
         meta.MediaStorageSOPInstanceUID = sop_uid
@@ -150,7 +158,8 @@ def write_ct_series(
         for keyword, value in (extra or {}).items():
             setattr(ds, keyword, value)
         ds.PixelData = pixels[i].tobytes()
-        path = out_dir / f"{filename_prefix}{i:04d}.dcm"
+        name = f"{sop_uid}.dcm" if name_files_by_uid else f"{i:04d}.dcm"
+        path = out_dir / f"{filename_prefix}{name}"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
