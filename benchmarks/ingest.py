@@ -1,0 +1,180 @@
+"""Ingest throughput: dcmtk storescp vs Orthanc vs the node's receiver, same series, same storescu.
+
+    .venv/bin/python benchmarks/ingest.py [--slices 300] [--size 512] [--processes 2] [--repeat 1]
+
+Generates a CT series (``write_ct_series``), then for each receiver in turn:
+starts it on a free loopback port, sends the series with one ``storescu``
+(one association) and with 4 parallel ``storescu`` each sending a quarter
+(4 associations), and measures wall time from launching the storescu
+process(es) to the last exit (association set-up included). Every storescu
+must succeed. dcmtk/Orthanc run with TCP_NODELAY=1. storescp writes without
+fsync; Orthanc uses its defaults; the node keeps its durability guarantee
+(fsync of file and directory + committed SQLite row, synchronous=FULL, before
+each 0x0000). With --repeat N the best of N runs is reported per mode.
+The last line is one JSON object with all figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from pe_triage_node.synth.ct_series import write_ct_series  # noqa: E402
+from tests import peers  # noqa: E402
+
+
+def make_series(out: Path, slices: int, size: int) -> list[Path]:
+    rng = np.random.default_rng(1453)
+    z, y, x = np.mgrid[0:slices, 0:size, 0:size]
+    r = np.sqrt((y - size / 2) ** 2 + (x - size / 2) ** 2)
+    vol = np.where(r < size * 0.45, 40.0, -1000.0) + rng.normal(0, 20, (slices, size, size))
+    del z
+    return write_ct_series(vol.astype(np.float32), out, slice_spacing=1.0)
+
+
+def send_one(port: int, files: list[Path], called: str) -> float:
+    t0 = time.perf_counter()
+    res = peers.storescu(port, files, called=called, timeout=600)
+    dt = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"storescu failed ({res.returncode}): {res.stderr[-500:]}")
+    return dt
+
+
+def send_parallel(port: int, files: list[Path], called: str, n: int = 4) -> float:
+    parts = [files[i::n] for i in range(n)]
+    t0 = time.perf_counter()
+    procs = [peers.storescu_popen(port, part, called=called) for part in parts]
+    codes = []
+    for p in procs:
+        _out, err = p.communicate(timeout=600)
+        codes.append((p.returncode, err))
+    dt = time.perf_counter() - t0
+    for code, err in codes:
+        if code != 0:
+            raise RuntimeError(f"storescu failed ({code}): {err[-500:]}")
+    return dt
+
+
+def measure(
+    name: str,
+    start: Callable[[Path, int], Any],
+    stop: Callable[[Any], None],
+    files: list[Path],
+    called: str,
+    work: Path,
+    repeat: int,
+) -> dict[str, float]:
+    one: list[float] = []
+    four: list[float] = []
+    for r in range(repeat):
+        for mode in ("one", "four"):
+            d = work / f"{name}-{mode}-{r}"
+            port = peers.free_port()
+            handle = start(d, port)
+            try:
+                t = send_one(port, files, called) if mode == "one" else send_parallel(port, files, called)
+            finally:
+                stop(handle)
+                shutil.rmtree(d, ignore_errors=True)
+            (one if mode == "one" else four).append(len(files) / t)
+            print(f"  {name:9s} {mode:4s} run {r + 1}: {len(files) / t:7.1f} images/s ({t:.2f} s)", flush=True)
+    return {"one_association": round(max(one), 1), "four_associations": round(max(four), 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--processes", type=int, default=2, help="node receiving processes (SO_REUSEPORT)")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--only", choices=["storescp", "orthanc", "node"], action="append")
+    args = ap.parse_args()
+    only = set(args.only or ["storescp", "orthanc", "node"])
+
+    work = Path(tempfile.mkdtemp(prefix="ingest-bench-", dir=os.environ.get("BENCH_TMP")))
+    try:
+        print(f"generating {args.slices} x {args.size}x{args.size} CT slices ...", flush=True)
+        files = make_series(work / "series", args.slices, args.size)
+        mb = sum(f.stat().st_size for f in files) / 1e6
+        print(f"series: {len(files)} files, {mb:.0f} MB", flush=True)
+        results: dict[str, Any] = {}
+
+        if "storescp" in only:
+            results["storescp"] = measure(
+                "storescp",
+                lambda d, port: peers.start_storescp(port, d / "out", aet="PETRIAGE"),
+                peers.stop_process,
+                files,
+                "PETRIAGE",
+                work,
+                args.repeat,
+            )
+        if "orthanc" in only:
+            results["orthanc"] = measure(
+                "orthanc",
+                lambda d, port: peers.start_orthanc(d, port, peers.free_port(), aet="PETRIAGE"),
+                peers.stop_process,
+                files,
+                "PETRIAGE",
+                work,
+                args.repeat,
+            )
+        if "node" in only:
+
+            def start_node(d: Path, port: int) -> subprocess.Popen[bytes]:
+                d.mkdir(parents=True, exist_ok=True)
+                cfg = peers.write_receiver_config(
+                    d, port, receiver={"processes": args.processes, "min_free_mb": 100}
+                )
+                return peers.start_receiver(cfg, port, log_path=d.parent / f"{d.name}.log")
+
+            def stop_node(proc: subprocess.Popen[bytes]) -> None:
+                peers.stop_process(proc)
+
+            results["node"] = measure("node", start_node, stop_node, files, "PETRIAGE", work, args.repeat)
+
+        summary: dict[str, Any] = {
+            "benchmark": "ingest",
+            "slices": len(files),
+            "matrix": args.size,
+            "series_mb": round(mb, 1),
+            "node_processes": args.processes,
+            "node_durability": "fsync file + dir, committed SQLite row (WAL, synchronous=FULL) before 0x0000",
+            "parallel": "4 storescu, each a quarter of the series",
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "images_per_s": results,
+        }
+        if "node" in results and "storescp" in results:
+            for mode in ("one_association", "four_associations"):
+                summary[f"node_vs_storescp_{mode}"] = round(results["node"][mode] / results["storescp"][mode], 3)
+        if "node" in results and "orthanc" in results:
+            for mode in ("one_association", "four_associations"):
+                summary[f"node_vs_orthanc_{mode}"] = round(results["node"][mode] / results["orthanc"][mode], 3)
+        for key, value in summary.items():
+            if key.startswith("node_vs"):
+                print(f"{key}: {value}")
+        print(json.dumps(summary))
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
