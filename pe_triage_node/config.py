@@ -177,6 +177,64 @@ class WebSection(_Section):
     worklist_limit: int = Field(500, ge=10, le=10_000)
 
 
+class DestinationSection(_Section):
+    """One PACS (or other Storage SCP) the exporter sends results to (``[[export.destinations]]``)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+    # CA bundle that signed the peer's certificate (None: the system store).
+    ca_certificates: Path | None = None
+    # Our client certificate and key, when the peer requires one.
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_dest_ae(cls, v: str) -> str:
+        return _check_ae(v)
+
+    @model_validator(mode="after")
+    def _key_with_certificate(self) -> DestinationSection:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("destination certificate and private_key go together")
+        return self
+
+
+class ExportSection(_Section):
+    """Results back to PACS: C-STORE of the SR and SCs, retries, dead-letter, optional webhook."""
+
+    calling_ae_title: str = "PETRIAGE"
+    destinations: list[DestinationSection] = Field(default_factory=list)
+    max_attempts: int = Field(8, ge=1)
+    backoff_base_s: float = Field(5.0, gt=0)
+    backoff_cap_s: float = Field(600.0, gt=0)
+    poll_interval_s: float = Field(1.0, gt=0)
+    lease_s: float = Field(120.0, gt=0)
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+    outputs_dir: Path = Path("outputs")
+    uid_prefix: str = Field("1.2.826.0.1.3680043.10.1453.1.", pattern=r"^([1-9][0-9]*|0)(\.([1-9][0-9]*|0))*\.$", max_length=40)
+    webhook_url: str | None = Field(None, pattern=r"^https?://")
+    webhook_min_priority: Literal["STAT", "URGENT", "ROUTINE"] = "URGENT"
+    webhook_timeout_s: float = Field(5.0, gt=0)
+
+    @field_validator("calling_ae_title")
+    @classmethod
+    def _check_calling_ae(cls, v: str) -> str:
+        return _check_ae(v)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ExportSection:
+        names = [d.name for d in self.destinations]
+        if len(names) != len(set(names)):
+            raise ValueError("export.destinations names must be unique")
+        return self
+
+
 class NodeConfig(BaseSettings):
     """The effective configuration of one node process."""
 
@@ -193,6 +251,7 @@ class NodeConfig(BaseSettings):
     inference: InferenceSection = Field(default_factory=InferenceSection)
     queue: QueueSection = Field(default_factory=QueueSection)
     web: WebSection = Field(default_factory=WebSection)
+    export: ExportSection = Field(default_factory=ExportSection)
 
     @classmethod
     def settings_customise_sources(
