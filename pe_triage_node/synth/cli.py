@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,12 +28,18 @@ def _slices(text: str) -> int | tuple[int, int]:
 
 def _synth(args: argparse.Namespace) -> int:
     """Generate the phantoms and report one line per study on stderr."""
-    from pe_triage_node.synth.rspect import write_rspect_dataset
+    from pe_triage_node.synth.rspect import phantoms_json_name, write_rspect_dataset
 
     out: Path = args.out_dir
-    if out.exists() and any((out / args.split).glob("*")) and not args.overwrite:
-        print(f"pe-triage synth: {out / args.split} is not empty (use --overwrite to add to it)", file=sys.stderr)
-        return 2
+    split_dir = out / args.split
+    if split_dir.exists() and any(split_dir.iterdir()):
+        if not args.overwrite:
+            print(f"pe-triage synth: {split_dir} is not empty (--overwrite replaces it)", file=sys.stderr)
+            return 2
+        if not (out / phantoms_json_name(args.split)).is_file():
+            print(f"pe-triage synth: {split_dir} was not written by pe-triage synth; not replacing it", file=sys.stderr)
+            return 2
+        shutil.rmtree(split_dir)
     t0 = time.perf_counter()
 
     def progress(i: int, rec: dict[str, Any]) -> None:
@@ -80,6 +87,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--slices", type=_slices, default=None, metavar="N|MIN-MAX", help="slices per study (default by size)")
     p.add_argument("--split", default="train", help="folder and CSV name (default train, as in RSPECT)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier pe-triage synth output of the same split")
     p.add_argument("--quiet", action="store_true", help="no per-study lines")
     p.set_defaults(handler=_synth)

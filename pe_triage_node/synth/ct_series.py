@@ -89,7 +89,7 @@ def write_ct_series(
     now = dt.datetime.now()
     paths: list[Path] = []
     for i in range(nz):
-        sop_uid = sop_instance_uids[i] if sop_instance_uids is not None else generate_uid(SYNTH_UID_PREFIX)
+        sop_uid = UID(sop_instance_uids[i]) if sop_instance_uids is not None else generate_uid(SYNTH_UID_PREFIX)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
         meta.MediaStorageSOPInstanceUID = sop_uid

@@ -350,6 +350,11 @@ def _parse_slices(slices: int | tuple[int, int] | None, size: Size) -> tuple[int
     return int(slices[0]), int(slices[1])
 
 
+def _pt(v: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
+    """A 3-vector as a plain tuple of floats (frozen dataclass fields)."""
+    return (float(v[0]), float(v[1]), float(v[2]))
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
     n = float(np.linalg.norm(v))
     return v / n if n > 0 else v
@@ -520,7 +525,7 @@ def _grow_tree(
             continue
         r1 = r * 0.95
         o = o if o < 3 else (3 if r >= 2.3 * an.scale else SUBSEGMENTAL_ORDER)
-        segs.append(VesselSegment(tuple(map(float, p0)), tuple(map(float, p1)), float(r), float(r1), side, o, par))
+        segs.append(VesselSegment(_pt(p0), _pt(p1), float(r), float(r1), side, o, par))
         me = len(segs) - 1
         outward = _unit(p1 - hilum)
         children = [(float(rng.uniform(8, 25)), float(rng.uniform(0.76, 0.86)))]
@@ -573,7 +578,7 @@ def _fill_lungs(
         parent = i
         for k in range(n_piece):
             r1 = r * 0.93
-            segs.append(VesselSegment(tuple(map(float, pts[k])), tuple(map(float, pts[k + 1])), float(r), float(r1), sg.side, 3 if r >= 2.3 * an.scale else SUBSEGMENTAL_ORDER, parent))
+            segs.append(VesselSegment(_pt(pts[k]), _pt(pts[k + 1]), float(r), float(r1), sg.side, 3 if r >= 2.3 * an.scale else SUBSEGMENTAL_ORDER, parent))
             parent = len(segs) - 1
             r = r1
         _grow_tree(rng, an, segs, pts[-1], pts[-1] - pts[-2], r * 0.8, 4, sg.side, parent, r_min, start)
@@ -596,7 +601,7 @@ def _build_vessels(
     arteries: list[VesselSegment] = []
 
     def add(p0: np.ndarray, p1: np.ndarray, r0: float, r1: float, side: Side, order: int, parent: int) -> int:
-        arteries.append(VesselSegment(tuple(map(float, p0)), tuple(map(float, p1)), r0, r1, side, order, parent))
+        arteries.append(VesselSegment(_pt(p0), _pt(p1), r0, r1, side, order, parent))
         return len(arteries) - 1
 
     hx, hy, hz = an.heart_c
@@ -615,7 +620,7 @@ def _build_vessels(
     lp = add(bif, l_mid, r_main * 0.95, r_main * 0.9, "left", 1, t)
     lh = add(l_mid, l_hil, r_main * 0.9, r_main * 0.8, "left", 1, lp)
     # lobar arteries: (start, end, radius, parent)
-    lobar = [
+    lobar: list[tuple[np.ndarray, np.ndarray, float, Side, int]] = [
         (r_hil, P(-72, 0, 42), 6.0, "right", rh),  # right upper lobe (truncus anterior)
         (r_hil, P(-68, 14, -40), 7.0, "right", rh),  # interlobar / right lower lobe
         (P(-62, 10, -28), P(-84, -42, -55), 4.6, "right", rh),  # right middle lobe
@@ -651,7 +656,7 @@ def _build_vessels(
         ("left", P(54, 36, -56), (0.5, 0.3, -0.8)),
     ):
         rv = float(rng.uniform(6, 7.5)) * s
-        veins.append(VesselSegment(tuple(map(float, la)), tuple(map(float, target)), rv, rv * 0.9, side, 1, -1))  # type: ignore[arg-type]
+        veins.append(VesselSegment(_pt(la), _pt(target), rv, rv * 0.9, side, 1, -1))  # type: ignore[arg-type]
         me = len(veins) - 1
         for _ in range(2):
             d = _unit(np.asarray(direc) + rng.uniform(-0.4, 0.4, 3))
@@ -697,7 +702,8 @@ def _sample_emboli(
     elif pe_type == "chronic":
         kinds = ["chronic"] * n
     else:
-        kinds = ["acute", "chronic"] + [("acute" if rng.random() < 0.5 else "chronic") for _ in range(n - 2)]
+        extra: list[Literal["acute", "chronic"]] = ["acute" if rng.random() < 0.5 else "chronic" for _ in range(n - 2)]
+        kinds = ["acute", "chronic", *extra]
     levels = ["trunk", "main", "lobar", "segmental", "subsegmental"]
     p_acute = np.array([0.10, 0.18, 0.24, 0.28, 0.20])
     p_chronic = np.array([0.0, 0.30, 0.32, 0.28, 0.10])
@@ -730,7 +736,7 @@ def _sample_emboli(
         tl = min(length / max(seg.length, 1e-3), 0.85)
         tc = float(rng.uniform(0.08 + tl / 2, 0.92 - tl / 2)) if tl < 0.84 else 0.5
         emboli.append(
-            Embolus(i, kind, shape, tc - tl / 2, tc + tl / 2, frac, tuple(map(float, perp)), hu, seg.side, seg.order, group)
+            Embolus(i, kind, shape, tc - tl / 2, tc + tl / 2, frac, _pt(perp), hu, seg.side, seg.order, group)
         )
         # an acute embolus of the trunk's end often straddles the bifurcation (saddle)
         if kind == "acute" and seg.order == 0 and rng.random() < 0.5:
@@ -904,7 +910,7 @@ class _Canvas:
         )
 
     def capsule(
-        self, p0: Sequence[float], p1: Sequence[float], r0: float, r1: float, pad: float = 1.5
+        self, p0: Sequence[float] | np.ndarray, p1: Sequence[float] | np.ndarray, r0: float, r1: float, pad: float = 1.5
     ) -> tuple[tuple[slice, slice, slice], np.ndarray, np.ndarray, np.ndarray] | None:
         """Anti-aliased coverage (0…1) of a tapering capsule within its box, the axial fraction t and the radial offset."""
         a = np.asarray(p0, dtype=np.float64)
@@ -1122,10 +1128,10 @@ def _paint_mediastinum(cv: _Canvas, spec: PhantomSpec) -> None:
     tube(svc_top, (-40 * s, -22 * s, top), 8 * s, an.hu_svc)
     tube(svc_top, (30 * s, -34 * s, top), 6.5 * s, an.hu_svc * 0.8)
     # airways: walls then lumen
-    for b in spec.bronchi:
-        cv.paint_capsule(b, an.hu_muscle - 30, extra_r=1.8 * s)
-    for b in spec.bronchi:
-        cv.paint_capsule(b, -990.0)
+    for airway in spec.bronchi:
+        cv.paint_capsule(airway, an.hu_muscle - 30, extra_r=1.8 * s)
+    for airway in spec.bronchi:
+        cv.paint_capsule(airway, -990.0)
     # lymph nodes
     for x, y, z, r in spec.nodes:
         cv.paint_ellipsoid((x, y, z), (r, r * 0.8, r), 0.0, an.hu_muscle - 10)
@@ -1140,12 +1146,12 @@ def _paint_arteries(cv: _Canvas, spec: PhantomSpec, keep_mask: bool) -> np.ndarr
         if res is None:
             continue
         sl, cov, t, _ = res
-        hu = an.hu_right_blood
+        hu: np.ndarray | np.float32 = np.float32(an.hu_right_blood)
         if spec.flow_artifact and seg.order == 2 and seg.p1[2] < seg.p0[2]:
             # mixing of unopacified IVC blood: lower-lobe arteries less dense, never down to clot HU
-            hu = 40 + (hu - 40) * (0.72 + 0.28 * (1 - t))
+            hu = np.float32(40) + np.float32(an.hu_right_blood - 40) * (np.float32(0.72) + np.float32(0.28) * (1 - t))
         sub = cv.vol[sl]
-        sub += (np.float32(hu) - sub) * cov if np.isscalar(hu) else (hu - sub) * cov
+        sub += (hu - sub) * cov
         if mask is not None:
             mask[sl] |= cov >= 0.5
     return mask
@@ -1294,7 +1300,7 @@ def render_phantom(spec: PhantomSpec, *, keep_masks: bool = False, keep_clean: b
     slices: list[tuple[int, int]] = []
     for k, (sl, m) in enumerate(boxes):
         n = int(m.sum()) if m is not None else 0
-        if n == 0:
+        if n == 0 or m is None:
             continue
         zz = np.nonzero(m.any(axis=(1, 2)))[0] + sl[0].start
         per_slice[zz] = True

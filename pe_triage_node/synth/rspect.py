@@ -220,8 +220,8 @@ def write_rspect_dataset(
 ) -> list[dict[str, Any]]:
     """Generate ``studies`` phantoms (study i from :func:`study_seed` (seed, i)) into ``out_dir``.
 
-    Writes the DICOM tree, ``<split>.csv`` and ``phantoms.json``; returns the
-    ``phantoms.json`` records. ``progress(i, record)`` is called after each study.
+    Writes the DICOM tree, ``<split>.csv`` and ``phantoms.json`` (train) or
+    ``phantoms_<split>.json``; returns the records of that JSON file. ``progress(i, record)`` is called after each study.
     """
     if studies < 1:
         raise ValueError("studies must be >= 1")
@@ -255,8 +255,13 @@ def write_rspect_dataset(
         "study_seed": "numpy SeedSequence([seed, index]).generate_state(1)[0]",
         "records": records,
     }
-    (out_dir / "phantoms.json").write_text(json.dumps(meta, indent=1))
+    (out_dir / phantoms_json_name(split)).write_text(json.dumps(meta, indent=1))
     return records
+
+
+def phantoms_json_name(split: str) -> str:
+    """``phantoms.json`` for the train split (as documented), ``phantoms_<split>.json`` for others."""
+    return "phantoms.json" if split == "train" else f"phantoms_{split}.json"
 
 
 def read_train_csv(path: Path) -> list[dict[str, str]]:
@@ -273,6 +278,7 @@ __all__: Sequence[str] = (
     "ctpa_attributes",
     "phantom_identity",
     "phantom_record",
+    "phantoms_json_name",
     "read_train_csv",
     "write_phantom_study",
     "write_rspect_dataset",

@@ -108,6 +108,15 @@ def test_full_size_study(tmp_path: Path) -> None:
         assert _dciodvfy_errors(files[100]) == []
 
 
-def test_refuses_a_non_empty_folder(small_set: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_refuses_a_non_empty_folder_and_splits_keep_their_own_files(small_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["synth", str(small_set), "--studies", "1", "--seed", "1", "--quiet"]) == 2
     assert "not empty" in capsys.readouterr().err
+    foreign = tmp_path / "other"
+    (foreign / "train" / "x").mkdir(parents=True)
+    assert main(["synth", str(foreign), "--studies", "1", "--seed", "1", "--overwrite", "--quiet"]) == 2
+    assert (foreign / "train" / "x").is_dir()
+    out = tmp_path / "sets"
+    assert main(["synth", str(out), "--studies", "1", "--seed", "1", "--slices", "16", "--split", "val", "--quiet"]) == 0
+    assert main(["synth", str(out), "--studies", "1", "--seed", "2", "--slices", "16", "--split", "val", "--overwrite", "--quiet"]) == 0
+    assert len(list(out.glob("val/*"))) == 1 and len(read_train_csv(out / "val.csv")) == 16
+    assert json.loads((out / "phantoms_val.json").read_text())["seed"] == 2
