@@ -22,6 +22,7 @@ SOP classes are stored and indexed like CT, their series created ``ignored``.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import os
 import queue
@@ -32,7 +33,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from pydicom import config as pydicom_config
 from pydicom.uid import (
@@ -52,9 +53,9 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, Table, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -98,6 +99,11 @@ TRANSFER_SYNTAXES: list[str] = [
 ]
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
+_STUDIES = cast(Table, Study.__table__)
+_SERIES = cast(Table, Series.__table__)
+_INSTANCES = cast(Table, Instance.__table__)
+_ASSOCIATIONS = cast(Table, Association.__table__)
+_REJECTIONS = cast(Table, Rejection.__table__)
 _COMMIT_TIMEOUT_S = 60.0
 
 
@@ -143,7 +149,15 @@ class _RejectionRecord:
     sop_uid: str | None = None
 
 
-_Record = _InstanceRecord | _AssociationStart | _AssociationEnd | _RejectionRecord
+@dataclass(slots=True)
+class _InstanceRetract:
+    """Undo an instance row committed while its file write failed (overlapped commit only)."""
+
+    sop_instance_uid: str
+    association_id: str
+
+
+_Record = _InstanceRecord | _AssociationStart | _AssociationEnd | _RejectionRecord | _InstanceRetract
 
 
 class IndexCommitter(threading.Thread):
@@ -223,7 +237,7 @@ class IndexCommitter(threading.Thread):
                         series_id = self._upsert_series(conn, a, study_id, rec)
                         self._series_ids[a.series_instance_uid] = series_id
                     stmt = (
-                        self._insert(Instance.__table__)
+                        self._insert(_INSTANCES)
                         .values(
                             series_id=series_id,
                             sop_instance_uid=a.sop_instance_uid,
@@ -240,14 +254,14 @@ class IndexCommitter(threading.Thread):
                         )
                         .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
                     )
-                    inserted = conn.execute(stmt.returning(Instance.__table__.c.id)).first() is not None
+                    inserted = conn.execute(stmt.returning(_INSTANCES.c.id)).first() is not None
                     if inserted:
                         counts[series_id] = counts.get(series_id, 0) + 1
                     last_assoc[series_id] = (rec.association_id, rec.received_at)
                     results.append(inserted)
                 elif isinstance(rec, _AssociationStart):
                     conn.execute(
-                        Association.__table__.insert().values(
+                        _ASSOCIATIONS.insert().values(
                             id=rec.id,
                             calling_ae=rec.calling_ae,
                             called_ae=rec.called_ae,
@@ -260,8 +274,8 @@ class IndexCommitter(threading.Thread):
                     results.append(True)
                 elif isinstance(rec, _AssociationEnd):
                     conn.execute(
-                        update(Association.__table__)
-                        .where(Association.__table__.c.id == rec.id)
+                        update(_ASSOCIATIONS)
+                        .where(_ASSOCIATIONS.c.id == rec.id)
                         .values(
                             released_at=rec.ended_at,
                             outcome=rec.outcome,
@@ -269,9 +283,23 @@ class IndexCommitter(threading.Thread):
                         )
                     )
                     results.append(True)
+                elif isinstance(rec, _InstanceRetract):
+                    gone = conn.execute(
+                        _INSTANCES.delete()
+                        .where(_INSTANCES.c.sop_instance_uid == rec.sop_instance_uid)
+                        .where(_INSTANCES.c.association_id == rec.association_id)
+                        .returning(_INSTANCES.c.series_id)
+                    ).first()
+                    if gone is not None:
+                        conn.execute(
+                            update(_SERIES)
+                            .where(_SERIES.c.id == gone[0])
+                            .values(instance_count=_SERIES.c.instance_count - 1)
+                        )
+                    results.append(gone is not None)
                 else:
                     conn.execute(
-                        Rejection.__table__.insert().values(
+                        _REJECTIONS.insert().values(
                             stage="receive",
                             study_instance_uid=rec.study_uid,
                             series_instance_uid=rec.series_uid,
@@ -283,7 +311,7 @@ class IndexCommitter(threading.Thread):
                         )
                     )
                     results.append(True)
-            series_t = Series.__table__
+            series_t = _SERIES
             for series_id, (assoc_id, at) in last_assoc.items():
                 conn.execute(
                     update(series_t)
@@ -299,7 +327,7 @@ class IndexCommitter(threading.Thread):
         return results
 
     def _upsert_study(self, conn: Any, a: IndexedAttributes, at: dt.datetime) -> int:
-        t = Study.__table__
+        t = _STUDIES
         stmt = (
             self._insert(t)
             .values(
@@ -323,7 +351,7 @@ class IndexCommitter(threading.Thread):
         return int(conn.execute(stmt).scalar_one())
 
     def _upsert_series(self, conn: Any, a: IndexedAttributes, study_id: int, rec: _InstanceRecord) -> int:
-        t = Series.__table__
+        t = _SERIES
         state = SeriesState.receiving if a.sop_class_uid in CT_SOP_CLASSES else SeriesState.ignored
         stmt = (
             self._insert(t)
@@ -357,7 +385,7 @@ class IndexCommitter(threading.Thread):
     def instance_known(self, sop_instance_uid: str) -> bool:
         with self.engine.connect() as conn:
             row = conn.execute(
-                select(Instance.__table__.c.id).where(Instance.__table__.c.sop_instance_uid == sop_instance_uid)
+                select(_INSTANCES.c.id).where(_INSTANCES.c.sop_instance_uid == sop_instance_uid)
             ).first()
         return row is not None
 
@@ -469,9 +497,46 @@ def serve_committer_connection(
         if fut is None:
             continue
         if req_id:
-            fut.add_done_callback(lambda f, r=req_id: reply(r, f))
+            fut.add_done_callback(functools.partial(reply, req_id))
         if isinstance(record, _AssociationEnd) and record.outcome == "released":
-            fut.add_done_callback(lambda f, a=record.id: released(a, f))
+            fut.add_done_callback(functools.partial(released, record.id))
+
+
+def reconcile_interrupted(engine: Engine, spool: Spool) -> int:
+    """Start-up repair after a crash: drop instance rows of unfinished associations whose file is missing.
+
+    Such a row was committed while its file was still being written (overlapped
+    commit) and was never acknowledged. Unfinished associations are then closed
+    with outcome ``interrupted``. Call before any receiving process starts, on the
+    node that owns the spool (SQLite deployments). Returns the rows removed.
+    """
+    removed = 0
+    with engine.begin() as conn:
+        open_ids = [r[0] for r in conn.execute(select(_ASSOCIATIONS.c.id).where(_ASSOCIATIONS.c.released_at.is_(None)))]
+        for assoc_id in open_ids:
+            rows = conn.execute(
+                select(_INSTANCES.c.id, _INSTANCES.c.series_id, _INSTANCES.c.spool_path).where(
+                    _INSTANCES.c.association_id == assoc_id
+                )
+            ).all()
+            stored = 0
+            for inst_id, series_id, spool_path in rows:
+                if spool.exists(spool_path):
+                    stored += 1
+                    continue
+                conn.execute(_INSTANCES.delete().where(_INSTANCES.c.id == inst_id))
+                conn.execute(
+                    update(_SERIES).where(_SERIES.c.id == series_id).values(instance_count=_SERIES.c.instance_count - 1)
+                )
+                removed += 1
+            conn.execute(
+                update(_ASSOCIATIONS)
+                .where(_ASSOCIATIONS.c.id == assoc_id)
+                .values(released_at=utcnow(), outcome="interrupted", instances_stored=stored)
+            )
+    if removed:
+        log.warning("removed %d unacknowledged instance rows whose file was never completed", removed)
+    return removed
 
 
 # -- the SCP ---------------------------------------------------------------------
@@ -494,7 +559,7 @@ class _ReusePortServer(ThreadedAssociationServer):
     daemon_threads = True
 
     def server_bind(self) -> None:
-        sock = self.socket
+        sock = cast(socket.socket, self.socket)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if self.reuse_port and hasattr(socket, "SO_REUSEPORT"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -505,7 +570,7 @@ class _ReusePortServer(ThreadedAssociationServer):
         self.server_address = sock.getsockname()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = self.socket.accept()
+        client, address = cast(socket.socket, self.socket).accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(client, server_side=True)
@@ -545,6 +610,8 @@ class StorageSCP:
         rc = cfg.receiver
         self.spool = Spool(cfg.spool_dir, min_free_mb=rc.min_free_mb, fsync=cfg.spool.fsync)
         self.committer = committer if committer is not None else IndexCommitter(engine)
+        # SQLite (one machine, reconciled at start-up): commit the row while the file syncs.
+        self.overlap_commit = engine.dialect.name == "sqlite"
         self._states: dict[int, _AssociationState] = {}
         self._states_lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
@@ -562,7 +629,7 @@ class StorageSCP:
         ae.require_calling_aet = list(rc.allowed_calling_aets)
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+            ae.add_supported_context(cast(str, cx.abstract_syntax), TRANSFER_SYNTAXES)
         return ae
 
     # -- lifecycle ---------------------------------------------------------------
@@ -572,7 +639,7 @@ class StorageSCP:
         fastpath.apply()
         self.committer.start()
         rc = self.cfg.receiver
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -710,7 +777,7 @@ class StorageSCP:
             return STATUS_PROCESSING_FAILURE
 
     def _store(self, event: evt.Event, st: _AssociationState) -> int:
-        request = event.request
+        request = cast(Any, event.request)
         stream: bytes = request.DataSet.getvalue()
         ts = str(event.context.transfer_syntax)
         try:
@@ -732,15 +799,20 @@ class StorageSCP:
         meta = event.file_meta
         meta.SourceApplicationEntityTitle = st.calling_ae
         header = _PREAMBLE + encode_file_meta(meta)
+        size = len(header) + len(stream)
         try:
-            size = self.spool.write(rel, (header, stream))
+            self.spool.check_space(size)
         except SpoolFull as exc:
             log.warning("instance %s refused: %s", attrs.sop_instance_uid, exc)
             return STATUS_OUT_OF_RESOURCES
-        except OSError:
-            log.error("spool write failed for %s", attrs.sop_instance_uid, exc_info=True)
-            return STATUS_OUT_OF_RESOURCES
         record = _InstanceRecord(attrs, ts, rel, size, st.id, utcnow())
+        if self.overlap_commit:
+            return self._store_overlapped(st, attrs, rel, header, stream, record)
+        try:
+            self.spool.write(rel, (header, stream))
+        except (SpoolFull, OSError):
+            log.warning("spool write failed for %s", attrs.sop_instance_uid, exc_info=True)
+            return STATUS_OUT_OF_RESOURCES
         fut = self.committer.submit(record)
         try:
             inserted = fut.result(timeout=_COMMIT_TIMEOUT_S) if fut is not None else False
@@ -749,6 +821,44 @@ class StorageSCP:
             if not self.committer.instance_known_quietly(attrs.sop_instance_uid):
                 self.spool.remove(rel)
             return STATUS_PROCESSING_FAILURE
+        if inserted:
+            st.stored += 1
+        return STATUS_SUCCESS
+
+    def _store_overlapped(
+        self,
+        st: _AssociationState,
+        attrs: IndexedAttributes,
+        rel: str,
+        header: bytes,
+        stream: bytes,
+        record: _InstanceRecord,
+    ) -> int:
+        """Commit the row while the file is written and synced; answer once both are durable.
+
+        A crash between the two leaves a row without its file for an instance that was
+        never acknowledged; :func:`reconcile_interrupted` removes such rows at start-up.
+        """
+        fut = self.committer.submit(record)
+        write_error: BaseException | None = None
+        try:
+            self.spool.write(rel, (header, stream))
+        except (SpoolFull, OSError) as exc:
+            write_error = exc
+        try:
+            inserted = fut.result(timeout=_COMMIT_TIMEOUT_S) if fut is not None else False
+        except Exception:
+            log.error("index commit failed for %s", attrs.sop_instance_uid, exc_info=True)
+            if write_error is None and not self.committer.instance_known_quietly(attrs.sop_instance_uid):
+                self.spool.remove(rel)
+            return STATUS_PROCESSING_FAILURE
+        if write_error is not None:
+            log.warning("spool write failed for %s: %s", attrs.sop_instance_uid, write_error)
+            if inserted:
+                retract = self.committer.submit(_InstanceRetract(attrs.sop_instance_uid, st.id))
+                if retract is not None:
+                    retract.result(timeout=_COMMIT_TIMEOUT_S)
+            return STATUS_OUT_OF_RESOURCES
         if inserted:
             st.stored += 1
         return STATUS_SUCCESS

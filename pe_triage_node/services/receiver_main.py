@@ -113,7 +113,9 @@ def serve(cfg: NodeConfig, *, on_association_released: ReleasedCallback | None =
     from pe_triage_node.dicom.spool import Spool
 
     cfg.spool_dir.mkdir(parents=True, exist_ok=True)
-    Spool(cfg.spool_dir).sweep_temporaries()  # before any receiving process writes
+    spool = Spool(cfg.spool_dir)
+    spool.sweep_temporaries()  # before any receiving process writes
+    _reconcile(cfg, spool)
     stop = threading.Event()
     if cfg.receiver.processes <= 1:
         _install_stop_signals(stop)
@@ -127,6 +129,19 @@ def serve(cfg: NodeConfig, *, on_association_released: ReleasedCallback | None =
                 dispatcher.stop()
         return
     _supervise(cfg, on_association_released, stop)
+
+
+def _reconcile(cfg: NodeConfig, spool: Any) -> None:
+    """After a crash: drop rows of never-acknowledged instances (SQLite: this node owns the database)."""
+    from pe_triage_node.db.session import make_engine
+    from pe_triage_node.dicom.receiver import reconcile_interrupted
+
+    engine = make_engine(cfg.database_url)
+    try:
+        if engine.dialect.name == "sqlite":
+            reconcile_interrupted(engine, spool)
+    finally:
+        engine.dispose()
 
 
 def _supervise(cfg: NodeConfig, callback: ReleasedCallback | None, stop: threading.Event) -> None:

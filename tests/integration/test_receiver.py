@@ -286,6 +286,10 @@ def test_sigkill_mid_send_keeps_every_acknowledged_instance(start_node: Any, tmp
     # Restart on the same state: temporaries swept, the rest arrives, duplicates stored once.
     node.proc = peers.start_receiver(node.config, node.port, log_path=node.log)
     assert not [p for p in node.spool.rglob(".tmp-*")]
+    # Start-up reconciliation: every remaining row has its file; the killed association is closed.
+    for r in node.rows("SELECT spool_path FROM instances"):
+        assert (node.spool / r.spool_path).is_file()
+    assert node.scalar("SELECT outcome FROM associations ORDER BY started_at LIMIT 1") == "interrupted"
     res = peers.storescu(node.port, files)
     assert res.returncode == 0, res.stderr
     assert _instance_count(node) == 60
