@@ -458,7 +458,7 @@ def _dome_z(an: Anatomy, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def _mediastinum_w(an: Anatomy, z: np.ndarray) -> np.ndarray:
     """Height factor of the mediastinal half-width (mm): widest at the hila."""
     s = an.scale
-    return s * (12 + 32 * np.exp(-(((z + 5 * s) / (40 * s)) ** 2)))
+    return s * (9 + 26 * np.exp(-(((z + 5 * s) / (40 * s)) ** 2)))
 
 
 def _mediastinum_f(an: Anatomy, y: np.ndarray) -> np.ndarray:
@@ -934,13 +934,17 @@ class _Canvas:
         cov = np.clip((r - dist) / np.float32(self.h) + 0.5, 0.0, 1.0)
         return sl, cov, t, dist
 
-    def paint_capsule(self, seg: VesselSegment, hu: float, extra_r: float = 0.0) -> None:
-        """Blend a vessel segment of uniform HU into the volume."""
+    def paint_capsule(
+        self, seg: VesselSegment, hu: float, extra_r: float = 0.0, only_below: float | None = None
+    ) -> None:
+        """Blend a vessel segment of uniform HU into the volume (only over voxels below ``only_below`` HU if given)."""
         res = self.capsule(seg.p0, seg.p1, seg.r0 + extra_r, seg.r1 + extra_r)
         if res is None:
             return
         sl, cov, _, _ = res
         sub = self.vol[sl]
+        if only_below is not None:
+            cov = np.where(sub < only_below, cov, np.float32(0.0))
         sub += (np.float32(hu) - sub) * cov
 
     def paint_ellipsoid(
@@ -1100,7 +1104,9 @@ def _paint_mediastinum(cv: _Canvas, spec: PhantomSpec) -> None:
         sl[band] = fat
 
     def tube(p0: tuple[float, float, float], p1: tuple[float, float, float], r: float, hu: float) -> None:
-        cv.paint_capsule(VesselSegment(p0, p1, r, r, "central", 0), hu)
+        seg = VesselSegment(p0, p1, r, r, "central", 0)
+        cv.paint_capsule(seg, an.hu_fat + 10, extra_r=4 * s, only_below=-300)  # mediastinal fat around it
+        cv.paint_capsule(seg, hu)
 
     # esophagus: collapsed, a little air
     ex, ey = 8 * s, an.spine_y - an.spine_r - 9 * s
@@ -1289,6 +1295,9 @@ def render_phantom(spec: PhantomSpec, *, keep_masks: bool = False, keep_clean: b
     for seg in spec.veins:
         cv.paint_capsule(seg, an.hu_left_blood * 0.95)
     _paint_mediastinum(cv, spec)
+    for seg in spec.arteries:
+        if seg.order <= 1:
+            cv.paint_capsule(seg, an.hu_fat + 10, extra_r=4 * an.scale, only_below=-300)
     artery_mask = _paint_arteries(cv, spec, keep_masks)
     _paint_spine(cv, an)
     index, boxes = _paint_emboli(cv, spec)
