@@ -1,0 +1,291 @@
+"""The exporter: export jobs from the SQL queue, C-STORE to each destination, retries, dead-letter, webhook.
+
+Producer side (the worker, inside its own transaction, after ``write_outputs``)::
+
+    with Session(engine) as s, s.begin():
+        job_ids = enqueue_exports(s, cfg.export, paths, result=result, decision=decision)
+
+One ``export`` job per configured destination (payload: ``{"type": "dicom",
+"destination": NAME, "files": [...]}``), plus one ``{"type": "webhook"}`` job
+when a webhook is configured and the priority is at or above
+``export.webhook_min_priority``. Dedupe keys name the destination and the
+output set (the derived SOP Instance UIDs), so enqueueing the same outputs
+again while a job is active does not duplicate it. No new tables: everything
+lives in ``jobs`` and ``job_events``.
+
+Consumer side: :class:`Exporter` claims export jobs one at a time, heartbeats
+while sending, completes on delivery (warning statuses 0xB000/0xB006/0xB007
+count as delivered), otherwise records the failure with an exponential backoff
+(``backoff_delay``) until ``max_attempts`` and then dead-letters the job with
+its last error. :meth:`Exporter.run_forever` polls with an APScheduler
+``BackgroundScheduler`` and schedules an extra run at each retry's due time.
+
+Logs and webhook bodies never carry patient names or IDs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from pe_triage_node.config import ExportSection, NodeConfig
+from pe_triage_node.db.models import JobKind, JobState
+from pe_triage_node.export import identity
+from pe_triage_node.export.findings import main_finding, positive_findings
+from pe_triage_node.export.outputs import SourceLike, write_outputs
+from pe_triage_node.export.sender import SendReport, send_files
+from pe_triage_node.inference.result import StudyResult
+from pe_triage_node.queue import ClaimedJob, backoff_delay, claim, complete, enqueue, fail, heartbeat, worker_identity
+from pe_triage_node.rules import Priority, PriorityDecision, priority_rank
+
+log = logging.getLogger(__name__)
+
+PAYLOAD_DICOM = "dicom"
+PAYLOAD_WEBHOOK = "webhook"
+
+
+# -- producing ----------------------------------------------------------------
+
+
+def output_set_key(paths: Sequence[Path]) -> str:
+    """A short digest naming an output set (its file names carry the derived SOP Instance UIDs)."""
+    names = "\n".join(sorted(Path(p).name for p in paths))
+    return hashlib.sha256(names.encode("ascii", "replace")).hexdigest()[:24]
+
+
+def webhook_body(result: StudyResult, decision: PriorityDecision) -> dict[str, Any]:
+    """The webhook's JSON: UIDs, priority, findings, model. Never patient names, IDs or dates."""
+    return {
+        "event": "pe-triage.result",
+        "study_instance_uid": result.study_instance_uid,
+        "series_instance_uid": result.series_instance_uid,
+        "priority": decision.priority.value,
+        "rule": decision.rule_name,
+        "flags": list(decision.flags),
+        "main_finding": main_finding(result.labels),
+        "findings": positive_findings(result),
+        "probabilities": {k: round(float(v), 4) for k, v in result.probabilities.items()},
+        "model": {"name": result.model_name, "version": result.model_version, "meaningless": result.meaningless},
+        "disclaimer": identity.NOT_FOR_DIAGNOSTIC_USE,
+    }
+
+
+def wants_webhook(cfg: ExportSection, priority: Priority) -> bool:
+    """A webhook is configured and ``priority`` is at or above ``webhook_min_priority``."""
+    return cfg.webhook_url is not None and priority_rank(priority) >= priority_rank(cfg.webhook_min_priority)
+
+
+def enqueue_exports(
+    session: Session,
+    cfg: ExportSection,
+    paths: Sequence[Path],
+    *,
+    result: StudyResult,
+    decision: PriorityDecision,
+) -> list[int]:
+    """Queue one export job per destination (and the webhook when due) inside the caller's transaction.
+
+    Returns the job ids (an already active job with the same dedupe key is
+    returned instead of a new one). No destinations and no webhook: ``[]``.
+    """
+    files = [str(Path(p).resolve()) for p in paths]
+    key = output_set_key(paths)
+    common = {
+        "priority": decision.queue_priority,
+        "study_instance_uid": result.study_instance_uid,
+        "series_instance_uid": result.series_instance_uid,
+        "max_attempts": cfg.max_attempts,
+    }
+    ids = []
+    if files:
+        for dest in cfg.destinations:
+            job = enqueue(
+                session,
+                JobKind.export,
+                payload={"type": PAYLOAD_DICOM, "destination": dest.name, "files": files, "model_version": result.model_version},
+                dedupe_key=f"export:{dest.name}:{key}",
+                **common,  # type: ignore[arg-type]
+            )
+            ids.append(job.id)
+    if wants_webhook(cfg, decision.priority):
+        job = enqueue(
+            session,
+            JobKind.export,
+            payload={"type": PAYLOAD_WEBHOOK, "body": webhook_body(result, decision)},
+            dedupe_key=f"export:webhook:{key or result.series_instance_uid}",
+            **common,  # type: ignore[arg-type]
+        )
+        ids.append(job.id)
+    return ids
+
+
+def export_result(
+    engine: Engine,
+    cfg: NodeConfig,
+    result: StudyResult,
+    source: SourceLike,
+    decision: PriorityDecision,
+) -> tuple[list[Path], list[int]]:
+    """Render and write the outputs under ``export.outputs_dir`` and queue their export (the worker's one call)."""
+    uids = identity.OutputUIDs(result.series_instance_uid, result.model_version, cfg.export.uid_prefix)
+    out_dir = cfg.resolve(cfg.export.outputs_dir) / uids.sr_series
+    paths = write_outputs(result, source, decision, out_dir, uid_prefix=cfg.export.uid_prefix)
+    with Session(engine) as s, s.begin():
+        ids = enqueue_exports(s, cfg.export, paths, result=result, decision=decision)
+    return paths, ids
+
+
+# -- delivering ---------------------------------------------------------------
+
+
+class PermanentExportError(Exception):
+    """An export that cannot succeed by retrying (unknown destination, output files gone)."""
+
+
+def post_webhook(url: str, body: dict[str, Any], *, timeout_s: float) -> int:
+    """POST ``body`` as JSON; returns the HTTP status, raises :class:`OSError` on failure or a non-2xx answer."""
+    data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json", "User-Agent": "pe-triage-node"})
+    with urllib.request.urlopen(req, timeout=timeout_s) as rsp:  # noqa: S310 - URL from validated config (http/https)
+        status = int(rsp.status)
+    if not 200 <= status < 300:
+        raise OSError(f"webhook answered HTTP {status}")
+    return status
+
+
+class _Heartbeat:
+    """Renew a job's lease from a background thread while it runs."""
+
+    def __init__(self, engine: Engine, job_id: int, worker_id: str, every_s: float) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(engine, job_id, worker_id, every_s), daemon=True, name=f"heartbeat-{job_id}")
+
+    def _run(self, engine: Engine, job_id: int, worker_id: str, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            if not heartbeat(engine, job_id, worker_id):
+                return
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class Exporter:
+    """Claims and runs export jobs (C-STORE per destination, webhook POSTs) for one node configuration."""
+
+    def __init__(self, engine: Engine, cfg: NodeConfig, *, worker_id: str | None = None) -> None:
+        self.engine = engine
+        self.cfg = cfg
+        self.worker_id = worker_id or worker_identity("exporter")
+        self._destinations = {d.name: d for d in cfg.export.destinations}
+        self._scheduler: BackgroundScheduler | None = None
+        self._drain_lock = threading.Lock()
+
+    # one job
+    def process_one(self) -> bool:
+        """Claim and run one due export job; ``False`` when none was due."""
+        ex = self.cfg.export
+        job = claim(self.engine, JobKind.export, self.worker_id, lease_s=ex.lease_s, max_wait_s=self.cfg.queue.max_wait_s)
+        if job is None:
+            return False
+        every = max(0.5, min(self.cfg.queue.heartbeat_s, ex.lease_s / 3))
+        try:
+            with _Heartbeat(self.engine, job.id, self.worker_id, every):
+                detail = self._run(job)
+        except PermanentExportError as exc:
+            fail(self.engine, job.id, self.worker_id, str(exc), retry=False)
+            return True
+        except Exception as exc:  # noqa: BLE001 - any failure becomes the job's last_error
+            delay = backoff_delay(job.attempts, ex.backoff_base_s, ex.backoff_cap_s)
+            state = fail(self.engine, job.id, self.worker_id, f"{type(exc).__name__}: {exc}", retry_delay_s=delay)
+            if state == JobState.queued:
+                self._schedule_retry(delay)
+            return True
+        complete(self.engine, job.id, self.worker_id, detail)
+        return True
+
+    def _run(self, job: ClaimedJob) -> str:
+        kind = job.payload.get("type")
+        if kind == PAYLOAD_DICOM:
+            return self._send(job)
+        if kind == PAYLOAD_WEBHOOK:
+            url = self.cfg.export.webhook_url
+            if url is None:
+                raise PermanentExportError("webhook job but export.webhook_url is not set")
+            status = post_webhook(url, job.payload.get("body", {}), timeout_s=self.cfg.export.webhook_timeout_s)
+            log.info("job %d webhook delivered (HTTP %d) series=%s", job.id, status, job.series_instance_uid)
+            return f"webhook HTTP {status}"
+        raise PermanentExportError(f"unknown export payload type {kind!r}")
+
+    def _send(self, job: ClaimedJob) -> str:
+        name = job.payload.get("destination")
+        dest = self._destinations.get(str(name))
+        if dest is None:
+            raise PermanentExportError(f"destination {name!r} is not configured (export.destinations)")
+        files = [Path(p) for p in job.payload.get("files", [])]
+        missing = [p.name for p in files if not p.is_file()]
+        if missing or not files:
+            raise PermanentExportError(f"output files missing: {', '.join(missing[:5]) or 'none listed'}")
+        ex = self.cfg.export
+        report: SendReport = send_files(
+            dest, files, calling_ae_title=ex.calling_ae_title,
+            acse_timeout_s=ex.acse_timeout_s, dimse_timeout_s=ex.dimse_timeout_s, network_timeout_s=ex.network_timeout_s,
+        )
+        if not report.ok:
+            raise OSError(report.summary())
+        log.info("job %d delivered to %s series=%s objects=%d", job.id, dest.name, job.series_instance_uid, len(report.delivered))
+        return report.summary()
+
+    # the loop
+    def drain(self, limit: int = 1000) -> int:
+        """Run due jobs until none is left (at most ``limit``); returns how many ran. One drain at a time."""
+        if not self._drain_lock.acquire(blocking=False):
+            return 0
+        try:
+            n = 0
+            while n < limit and self.process_one():
+                n += 1
+            return n
+        finally:
+            self._drain_lock.release()
+
+    def _schedule_retry(self, delay_s: float) -> None:
+        if self._scheduler is not None and self._scheduler.running:
+            at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=delay_s + 0.05)
+            self._scheduler.add_job(self.drain, "date", run_date=at, misfire_grace_time=None)
+
+    def run_forever(self, stop_event: threading.Event, *, on_start: Callable[[], None] | None = None) -> None:
+        """Poll every ``export.poll_interval_s`` (APScheduler) until ``stop_event`` is set, then stop cleanly."""
+        scheduler = BackgroundScheduler(timezone=dt.timezone.utc)
+        scheduler.add_job(
+            self.drain, "interval", seconds=self.cfg.export.poll_interval_s, id="export-poll",
+            max_instances=1, coalesce=True, next_run_time=dt.datetime.now(dt.timezone.utc),
+        )
+        self._scheduler = scheduler
+        scheduler.start()
+        log.info("exporter %s started: %d destination(s), webhook %s",
+                 self.worker_id, len(self._destinations), "on" if self.cfg.export.webhook_url else "off")
+        if on_start is not None:
+            on_start()
+        try:
+            stop_event.wait()
+        finally:
+            scheduler.shutdown(wait=True)
+            self._scheduler = None
+            log.info("exporter %s stopped", self.worker_id)

@@ -1,0 +1,184 @@
+"""SR and SC outputs of one StudyResult: IOD validity (dciodvfy), SR tree (dsrdump), content, derived UIDs."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from pe_triage_node.export import identity
+from pe_triage_node.export.findings import main_finding, series_description
+from pe_triage_node.export.outputs import render_outputs, write_outputs
+from pe_triage_node.export.sc import cam_on_slice
+from pe_triage_node.inference.result import StudyResult
+from pe_triage_node.rules import Priority
+
+try:
+    from tests import export_support as es
+except ModuleNotFoundError:  # tests/ on sys.path (rootdir conftest)
+    import export_support as es  # type: ignore[no-redef]
+
+
+@pytest.fixture(scope="module")
+def series_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return es.write_series(tmp_path_factory.mktemp("export_series"))
+
+
+@pytest.fixture(scope="module")
+def result(series_dir: Path) -> StudyResult:
+    return es.positive(es.analyse(series_dir))
+
+
+@pytest.fixture(scope="module")
+def written(result: StudyResult, series_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_outputs(result, series_dir, es.decision(Priority.STAT, "Central PE", ("review",)), tmp_path_factory.mktemp("out"))
+
+
+def test_outputs_are_one_sr_one_summary_and_a_gradcam_per_map(written: list[Path], result: StudyResult) -> None:
+    kinds = [pydicom.dcmread(p).Modality for p in written]
+    assert kinds[0] == "SR"
+    assert kinds.count("OT") == 1 + len(result.gradcam)
+    assert len(result.gradcam) >= 1
+
+
+def test_every_object_passes_dciodvfy_without_errors(written: list[Path]) -> None:
+    for path in written:
+        assert es.dciodvfy_errors(path) == [], path.name
+
+
+def test_sr_tree_prints_with_dsrdump_and_says_what_it_must(written: list[Path], result: StudyResult) -> None:
+    text = es.dsrdump(written[0])
+    for fragment in (
+        "Comprehensive 3D SR",
+        "Verification Flag   : UNVERIFIED",
+        "Imaging Measurement Report",
+        '(121007,DCM,"Device")',
+        '"Device Observer Serial Number")="' + result.model_version,
+        '(418272005,SCT,"CT angiography")',
+        "Image Library",
+        '"Pulmonary embolism")=(52101004,SCT,"Present")',
+        '"Central pulmonary embolism")=(52101004,SCT,"Present")',
+        '"Left-sided pulmonary embolism")=(272519000,SCT,"Absent")',
+        '"RV/LV diameter ratio category")=(RVLV-GTE-1,99PETRIAGE',
+        '"Pulmonary embolism chronicity")=(ACUTE,99PETRIAGE',
+        '"AI triage priority")=(STAT,99PETRIAGE',
+        '"Algorithm Version")="' + result.model_version,
+        '"Algorithm Parameters")="threshold',
+        '"Probability of central PE")=',
+        '(1,UCUM,"no units")',
+        "Not for diagnostic use statement",
+    ):
+        assert fragment in text, fragment
+
+
+def test_sr_copies_patient_and_study_and_references_every_source_instance(written: list[Path], series_dir: Path) -> None:
+    sr = pydicom.dcmread(written[0])
+    assert str(sr.PatientName) == es.PATIENT_NAME and sr.PatientID == es.PATIENT_ID
+    assert sr.StudyInstanceUID == es.IDENTITY.study_instance_uid
+    assert sr.AccessionNumber == "ACC77"
+    assert sr.VerificationFlag == "UNVERIFIED" and sr.CompletionFlag == "COMPLETE"
+    assert sr.SeriesDescription == "AI PE TRIAGE: STAT - central PE, RV/LV>=1"
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    sources = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in series_dir.glob("*.dcm")}
+    assert evidence == sources
+    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99PETRIAGE"
+    texts = [str(v) for v in _text_values(sr)]
+    assert any(t.startswith("RANDOM WEIGHTS") and identity.NOT_FOR_DIAGNOSTIC_USE in t for t in texts)
+
+
+def _text_values(ds: pydicom.Dataset) -> list[str]:
+    out = []
+    for item in ds.get("ContentSequence", []):
+        if item.ValueType == "TEXT":
+            out.append(item.TextValue)
+        out.extend(_text_values(item))
+    return out
+
+
+def test_scs_are_rgb_with_burned_in_annotation_and_the_source_patient(written: list[Path], result: StudyResult) -> None:
+    for path in written[1:]:
+        sc = pydicom.dcmread(path)
+        assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3 and sc.BitsAllocated == 8
+        assert sc.BurnedInAnnotation == "YES"
+        assert str(sc.PatientName) == es.PATIENT_NAME and sc.StudyInstanceUID == result.study_instance_uid
+        assert sc.SeriesDescription.startswith("AI PE TRIAGE: STAT")
+        assert min(sc.Rows, sc.Columns) >= 512  # legible text even on a tiny matrix
+    overlays = [pydicom.dcmread(p) for p in written[2:]]
+    assert {o.SourceImageSequence[0].ReferencedSOPInstanceUID for o in overlays} == {g.sop_instance_uid for g in result.gradcam}
+
+
+def test_gradcam_overlay_is_hot_where_the_map_peaks(result: StudyResult, series_dir: Path) -> None:
+    gc = result.gradcam[0]
+    ds = next(d for d in (pydicom.dcmread(p) for p in series_dir.glob("*.dcm")) if d.SOPInstanceUID == gc.sop_instance_uid)
+    cam = cam_on_slice(gc, result, ds.Rows, ds.Columns, flipped_y=False, flipped_x=False)
+    r, c = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    assert abs(r - gc.peak_row) <= 2.5 and abs(c - gc.peak_column) <= 2.5
+    assert cam.max() == pytest.approx(1.0)
+
+
+def test_uids_are_derived_equal_across_runs_and_differ_across_model_versions(result: StudyResult, series_dir: Path) -> None:
+    d = es.decision()
+    first = render_outputs(result, series_dir, d)
+    again = render_outputs(result, series_dir, d)
+    uids = [(o.SeriesInstanceUID, o.SOPInstanceUID) for o in first]
+    assert uids == [(o.SeriesInstanceUID, o.SOPInstanceUID) for o in again]
+    assert len({u for _, u in uids}) == len(uids)  # all distinct
+    other = render_outputs(dataclasses.replace(result, model_version="2.0.0"), series_dir, d)
+    assert not {u for pair in uids for u in pair} & {u for o in other for u in (o.SeriesInstanceUID, o.SOPInstanceUID)}
+    assert first[0].SOPInstanceUID == identity.OutputUIDs(result.series_instance_uid, result.model_version).sr_instance
+    for o in first:
+        assert len(o.SOPInstanceUID) <= 64 and o.SOPInstanceUID.startswith(identity.OUTPUT_UID_PREFIX)
+
+
+def test_rewriting_replaces_the_same_files(result: StudyResult, series_dir: Path, tmp_path: Path) -> None:
+    a = write_outputs(result, series_dir, es.decision(), tmp_path)
+    b = write_outputs(result, series_dir, es.decision(), tmp_path)
+    assert a == b and sorted(tmp_path.iterdir()) == sorted(a)
+
+
+def test_negative_result_reports_absent_and_routine(result: StudyResult, series_dir: Path, tmp_path: Path) -> None:
+    neg = es.negative(result)
+    paths = write_outputs(neg, series_dir, es.decision(Priority.ROUTINE, None), tmp_path)
+    assert len(paths) == 2  # SR + summary, no Grad-CAM
+    sr = pydicom.dcmread(paths[0])
+    assert sr.SeriesDescription == "AI PE TRIAGE: ROUTINE - no PE"
+    text = es.dsrdump(paths[0])
+    assert '"Pulmonary embolism")=(272519000,SCT,"Absent")' in text
+    assert "Central pulmonary embolism" not in text
+    assert '"AI triage priority")=(ROUTINE,99PETRIAGE' in text
+    for p in paths:
+        assert es.dciodvfy_errors(p) == []
+
+
+def test_main_finding_and_series_description_wording() -> None:
+    base = {"pe_present_on_image": True, "central_pe": False, "leftsided_pe": True, "rightsided_pe": True,
+            "chronic_pe": False, "acute_and_chronic_pe": True, "rv_lv_ratio_gte_1": False}
+    assert main_finding(base) == "acute-on-chronic bilateral PE"
+    assert main_finding({"pe_present_on_image": False, "indeterminate": True}) == "indeterminate study"
+    assert main_finding({"pe_present_on_image": True, "central_pe": True, "rv_lv_ratio_gte_1": True}) == "central PE, RV/LV>=1"
+    long = series_description(es.decision(Priority.URGENT), base, " (images) with a long tail " * 3)
+    assert len(long) == 64 and long.startswith("AI PE TRIAGE: URGENT - acute-on-chronic")
+
+
+def test_summary_png_for_a_person(written: list[Path], tmp_path: Path) -> None:
+    """Keeps one rendered summary and one overlay as PNG (under the test's tmp dir) for a look."""
+    for i, p in enumerate(written[1:3]):
+        Image.fromarray(pydicom.dcmread(p).pixel_array).save(tmp_path / f"sc{i}.png")
+        assert (tmp_path / f"sc{i}.png").stat().st_size > 10_000
+
+
+def test_derived_uid_rejects_a_bad_source_uid() -> None:
+    with pytest.raises(ValueError):
+        identity.derived_uid("1.2.03", "v1", identity.KIND_SR)
+    with pytest.raises(ValueError):
+        identity.derived_uid("1.2.3", "", identity.KIND_SR)
