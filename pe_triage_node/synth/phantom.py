@@ -795,7 +795,9 @@ def sample_spec(
     # scanner geometry
     n_lo, n_hi = _parse_slices(slices, size)
     span = (an.apex_z + 12 * an.scale) - (an.dome_left_z - an.dome_depth - 12 * an.scale)
-    fov = float(np.clip(2 * an.body_a * rng.uniform(1.04, 1.2), 300, 480))
+    # small studies crop the field of view to the body (more pixels on the chest)
+    fov_factor = rng.uniform(1.02, 1.08) if size == "small" else rng.uniform(1.04, 1.2)
+    fov = float(np.clip(2 * an.body_a * fov_factor, 300, 480))
     if size == "small":
         nxy = 128
         n = int(rng.integers(n_lo, n_hi + 1))
@@ -812,7 +814,7 @@ def sample_spec(
     ps = fov / nxy
     z_mid = 0.5 * ((an.apex_z + 12 * an.scale) + (an.dome_left_z - an.dome_depth - 12 * an.scale))
     z0 = z_mid - 0.5 * (n - 1) * dz + float(rng.uniform(-8, 8))
-    cx = float(rng.uniform(-10, 10))
+    cx = float(rng.uniform(-3, 3) if size == "small" else rng.uniform(-10, 10))
     cy = float(rng.uniform(-5, 25))  # the table sits behind the patient: body a bit anterior of centre
     origin = (cx - (nxy - 1) * ps / 2, cy - (nxy - 1) * ps / 2, z0)
 
@@ -970,7 +972,7 @@ class _Canvas:
         sub += (np.asarray(hu, dtype=np.float32) - sub) * cov
 
 
-def _paint_body(cv: _Canvas, an: Anatomy, rng: np.random.Generator) -> None:
+def _paint_body(cv: _Canvas, an: Anatomy) -> None:
     """Body outline, subcutaneous fat, chest-wall muscle, ribs, lungs, mediastinal fat, upper abdomen."""
     s = an.scale
     zs, ys, xs = cv.zs, cv.ys, cv.xs
@@ -1291,7 +1293,7 @@ def render_phantom(spec: PhantomSpec, *, keep_masks: bool = False, keep_clean: b
     rng = np.random.default_rng([spec.seed, 1])
     cv = _Canvas(spec)
     an = spec.anatomy
-    _paint_body(cv, an, rng)
+    _paint_body(cv, an)
     for seg in spec.veins:
         cv.paint_capsule(seg, an.hu_left_blood * 0.95)
     _paint_mediastinum(cv, spec)
