@@ -24,7 +24,7 @@ def prepare_state(cfg: NodeConfig) -> None:
 
 def _receiver(args: argparse.Namespace) -> int:
     """The DICOM listener with series assembly and selection (no torch in this process)."""
-    from pe_triage_node.services.node import run_receiver_service
+    from pe_triage_node.services.receiver_main import run_receiver_service
 
     cfg = config_from_args(args)
     configure_logging(cfg, "receiver")
@@ -35,7 +35,7 @@ def _receiver(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """Everything on one machine: receiver + assembly (and the later rooms as they land)."""
-    from pe_triage_node.services.node import run_receiver_service
+    from pe_triage_node.services.receiver_main import run_receiver_service
 
     cfg = config_from_args(args)
     configure_logging(cfg, "node")
