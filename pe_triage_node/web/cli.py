@@ -1,0 +1,134 @@
+"""``pe-triage web`` (the console) and ``pe-triage users add|list|passwd``."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import sys
+
+from pe_triage_node.cli import add_config_option, config_from_args
+
+log = logging.getLogger(__name__)
+
+
+def _prepare(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from pe_triage_node.db.migrate import upgrade
+
+    cfg = config_from_args(args)
+    cfg.node.var_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(cfg.database_url)
+    return cfg
+
+
+def _web(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pe_triage_node.services.logs import configure_logging
+    from pe_triage_node.web.app import create_app
+
+    cfg = _prepare(args)
+    configure_logging(cfg, "web")
+    host = args.host or cfg.web.host
+    port = args.port or cfg.web.port
+    log.info("web console on http://%s:%d (NOT FOR DIAGNOSTIC USE)", host, port)
+    uvicorn.run(create_app(cfg), host=host, port=port, log_level="warning", access_log=False,
+                proxy_headers=False, server_header=False)
+    return 0
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("Password: ")
+    if getpass.getpass("Again: ") != first:
+        raise SystemExit("pe-triage: the passwords differ")
+    return first
+
+
+def _users_add(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from pe_triage_node.db.session import make_engine
+    from pe_triage_node.web.auth import UserError, add_user, audit
+
+    cfg = _prepare(args)
+    password = _read_password(args)
+    engine = make_engine(cfg.database_url)
+    try:
+        with Session(engine) as s, s.begin():
+            add_user(s, args.name, password, args.role)
+            audit(s, "user-add", username=None, target=f"user {args.name}", detail=f"role {args.role} (command line)")
+    except UserError as exc:
+        print(f"pe-triage: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    print(f"user {args.name} added ({args.role})")
+    return 0
+
+
+def _users_passwd(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from pe_triage_node.db.session import make_engine
+    from pe_triage_node.web.auth import UserError, audit, set_password
+
+    cfg = _prepare(args)
+    password = _read_password(args)
+    engine = make_engine(cfg.database_url)
+    try:
+        with Session(engine) as s, s.begin():
+            set_password(s, args.name, password)
+            audit(s, "user-password", username=None, target=f"user {args.name}", detail="command line")
+    except UserError as exc:
+        print(f"pe-triage: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    print(f"password of {args.name} changed; its sessions were signed out")
+    return 0
+
+
+def _users_list(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from pe_triage_node.db.session import make_engine
+    from pe_triage_node.web.auth import list_users
+
+    cfg = _prepare(args)
+    engine = make_engine(cfg.database_url)
+    try:
+        with Session(engine) as s:
+            for u in list_users(s):
+                last = u.last_sign_in_at.strftime("%Y-%m-%d %H:%M") if u.last_sign_in_at else "never"
+                state = " (disabled)" if u.disabled else ""
+                print(f"{u.username}\t{u.role}{state}\tlast sign-in {last}")
+    finally:
+        engine.dispose()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("web", help="start the web console (worklist, rules, operations, /metrics)")
+    add_config_option(p)
+    p.add_argument("--host", default=None, help="interface (default: web.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="TCP port (default: web.port, 8080)")
+    p.set_defaults(handler=_web)
+
+    users = sub.add_parser("users", help="web console accounts")
+    usub = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    p = usub.add_parser("add", help="create a user (password from a prompt or --password-stdin)")
+    add_config_option(p)
+    p.add_argument("name")
+    p.add_argument("--role", choices=("viewer", "admin"), default="viewer")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    p.set_defaults(handler=_users_add)
+    p = usub.add_parser("passwd", help="set a user's password (signs the user out everywhere)")
+    add_config_option(p)
+    p.add_argument("name")
+    p.add_argument("--password-stdin", action="store_true")
+    p.set_defaults(handler=_users_passwd)
+    p = usub.add_parser("list", help="list users and roles")
+    add_config_option(p)
+    p.set_defaults(handler=_users_list)

@@ -1,0 +1,396 @@
+"""HTTP tests of the web console, every page and action, refusals included (SQLite + PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+from starlette.testclient import TestClient
+
+from pe_triage_node.config import NodeConfig
+from pe_triage_node.db.models import AuditEvent, Job, JobKind, JobState, RuleSetRecord, WebSession
+from pe_triage_node.rules.store import active_record, packaged_rules_text
+from pe_triage_node.web.app import create_app
+
+try:
+    from tests import web_seed
+except ImportError:  # pragma: no cover - run from inside tests/
+    import web_seed  # type: ignore[no-redef]
+
+UID_PREFIX = "1.2.826.0.1.3680043"
+CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+@dataclass
+class Console:
+    client: TestClient
+    engine: Engine
+    cfg: NodeConfig
+    ids: web_seed.Seeded
+
+    def csrf(self, path: str = "/") -> str:
+        r = self.client.get(path)
+        assert r.status_code == 200, r.text
+        m = CSRF_RE.search(r.text)
+        assert m, "no CSRF token on the page"
+        return m.group(1)
+
+    def sign_in(self, who: tuple[str, str]) -> None:
+        r = self.client.get("/signin")
+        token = CSRF_RE.search(r.text).group(1)  # type: ignore[union-attr]
+        r = self.client.post("/signin", data={"username": who[0], "password": who[1], "csrf_token": token, "next": "/"},
+                             follow_redirects=False)
+        assert r.status_code == 303, r.text
+        set_cookie = r.headers.get("set-cookie", "")
+        assert "HttpOnly" in set_cookie and "SameSite=strict" in set_cookie.replace("Strict", "strict")
+
+    def audit(self) -> list[tuple[str | None, str, str | None]]:
+        with Session(self.engine) as s:
+            return [(a.username, a.action, a.target) for a in s.scalars(select(AuditEvent).order_by(AuditEvent.id))]
+
+
+def make_cfg(db_url: str, tmp_path: Path, with_manifest: bool = True) -> NodeConfig:
+    data: dict[str, object] = {"node": {"var_dir": str(tmp_path / "var")}, "database": {"url": db_url}}
+    if with_manifest:
+        data["inference"] = {"weights_manifest": str(web_seed.manifest(tmp_path / "model"))}
+    cfg = NodeConfig(**data)  # type: ignore[arg-type]
+    cfg.spool_dir.mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+@pytest.fixture
+def console(engine: Engine, db_url: str, tmp_path: Path) -> Iterator[Console]:
+    cfg = make_cfg(db_url, tmp_path)
+    ids = web_seed.seed(engine, cfg.node.var_dir)
+    with TestClient(create_app(cfg, engine)) as client:
+        yield Console(client, engine, cfg, ids)
+
+
+def _order(html: str) -> list[int]:
+    return [int(x) for x in re.findall(r'data-study="(\d+)"', html)]
+
+
+# -- access -------------------------------------------------------------------
+
+
+def test_pages_need_sign_in_but_probes_do_not(console: Console) -> None:
+    c = console.client
+    for path in ("/", "/rules", "/ops", f"/study/{console.ids.stat_id}", f"/study/{console.ids.stat_id}/image/x.png"):
+        r = c.get(path, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"].startswith("/signin?next="), path
+    assert c.get("/worklist/rows").status_code == 401
+    assert c.post("/rules/save", data={"toml_text": "x"}).status_code == 401
+    assert c.get("/healthz").json() == {"status": "ok"}
+    assert c.get("/readyz").status_code == 200
+    assert c.get("/metrics").status_code == 200
+    assert c.get("/static/console.css").status_code == 200
+    r = c.get("/signin")
+    assert r.status_code == 200 and "NOT FOR DIAGNOSTIC USE" in r.text
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+
+
+def test_wrong_password_is_refused_and_audited(console: Console) -> None:
+    c = console.client
+    token = CSRF_RE.search(c.get("/signin").text).group(1)  # type: ignore[union-attr]
+    r = c.post("/signin", data={"username": "alice", "password": "wrong password", "csrf_token": token})
+    assert r.status_code == 401 and "Wrong user name or password" in r.text
+    token = CSRF_RE.search(r.text).group(1)  # type: ignore[union-attr]  # a fresh form each time
+    r = c.post("/signin", data={"username": "nobody", "password": "whatever12", "csrf_token": token})
+    assert r.status_code == 401
+    assert ("alice", "sign-in-failed", None) in console.audit()
+    assert c.get("/", follow_redirects=False).status_code == 303
+
+
+def test_sign_in_form_without_its_token_is_refused(console: Console) -> None:
+    r = console.client.post("/signin", data={"username": web_seed.ADMIN[0], "password": web_seed.ADMIN[1]})
+    assert r.status_code == 403
+    assert console.client.get("/", follow_redirects=False).status_code == 303
+
+
+def test_sign_in_then_out(console: Console) -> None:
+    console.sign_in(web_seed.ADMIN)
+    assert ("alice", "sign-in", None) in console.audit()
+    token = console.csrf("/")
+    r = console.client.post("/signout", data={"csrf_token": token}, follow_redirects=False)
+    assert r.status_code == 303
+    with Session(console.engine) as s:
+        assert s.scalar(select(func.count()).select_from(WebSession)) == 0
+    assert console.client.get("/", follow_redirects=False).status_code == 303
+
+
+def test_next_is_local_only(console: Console) -> None:
+    c = console.client
+    token = CSRF_RE.search(c.get("/signin?next=//evil.example/").text).group(1)  # type: ignore[union-attr]
+    r = c.post("/signin", data={"username": "alice", "password": web_seed.ADMIN[1], "csrf_token": token,
+                                "next": "//evil.example/"}, follow_redirects=False)
+    assert r.headers["location"] == "/"
+
+
+def test_expired_session_signs_out(console: Console) -> None:
+    console.sign_in(web_seed.VIEWER)
+    import datetime as dt
+
+    with Session(console.engine) as s, s.begin():
+        for ws in s.scalars(select(WebSession)):
+            ws.last_seen_at = ws.last_seen_at - dt.timedelta(minutes=console.cfg.web.session_idle_minutes + 1)
+    assert console.client.get("/", follow_redirects=False).status_code == 303
+
+
+# -- worklist -----------------------------------------------------------------
+
+
+def test_worklist_stat_first_then_arrival(console: Console) -> None:
+    console.sign_in(web_seed.VIEWER)
+    r = console.client.get("/")
+    assert r.status_code == 200
+    ids = console.ids
+    assert _order(r.text) == [ids.stat_id, ids.urgent_id, ids.queued_id, ids.routine_id, ids.rejected_id]
+    html = r.text
+    assert "DOE, JANE" in html and "P0003" in html and "A1003" in html  # identifiers for signed-in users
+    assert "PE (central, right, left)" in html and "RV/LV \u2265 1" in html
+    assert "export failed" in html and "running" in html and "rejected" in html and "No PE" in html
+    assert UID_PREFIX not in html
+    assert "NOT FOR DIAGNOSTIC USE" in html
+    assert 'src="/static/worklist.js"' in html
+
+
+@pytest.mark.parametrize(
+    ("query", "expect"),
+    [
+        ("priority=STAT", ["stat_id"]),
+        ("priority=ROUTINE", ["routine_id"]),
+        ("status=running", ["queued_id"]),
+        ("status=rejected", ["rejected_id"]),
+        ("status=done", ["urgent_id", "routine_id"]),
+        ("status=export+failed", ["stat_id"]),
+        ("date=2001-01-01", []),
+        ("received=24h&priority=URGENT", ["urgent_id"]),
+    ],
+)
+def test_worklist_filters_and_fragment(console: Console, query: str, expect: list[str]) -> None:
+    console.sign_in(web_seed.VIEWER)
+    want = [getattr(console.ids, name) for name in expect]
+    assert _order(console.client.get(f"/?{query}").text) == want
+    fragment = console.client.get(f"/worklist/rows?{query}")
+    assert fragment.status_code == 200 and "<html" not in fragment.text
+    assert _order(fragment.text) == want
+
+
+# -- study page ---------------------------------------------------------------
+
+
+def test_study_page_shows_labels_attention_images_series_exports_history(console: Console) -> None:
+    console.sign_in(web_seed.VIEWER)
+    ids = console.ids
+    r = console.client.get(f"/study/{ids.stat_id}")
+    assert r.status_code == 200
+    html = r.text
+    for name in ("Central PE", "Left-sided PE", "Right-sided PE", "RV/LV", "Chronic PE", "Negative exam",
+                 "Indeterminate quality", "PE (any image)"):
+        assert name in html, name
+    assert "0.88" in html and "0.05" in html  # central_pe probability and its threshold
+    assert html.count('class="strip"') >= 9  # attention strip per label
+    assert f'src="/study/{ids.stat_id}/image/{ids.image_name}"' in html
+    assert "Topogram" in html and "scout" in html  # rejected series with its reason
+    assert "PACS_MAIN" in html and "ARCHIVE" in html and "association rejected" in html
+    assert "infer job" in html and "claimed" in html
+    assert "Resend" not in html  # viewer
+    assert UID_PREFIX not in html
+    img = console.client.get(f"/study/{ids.stat_id}/image/{ids.image_name}")
+    assert img.status_code == 200 and img.content.startswith(b"\x89PNG")
+    assert console.client.get(f"/study/{ids.stat_id}/image/missing.png").status_code == 404
+    assert console.client.get(f"/study/{ids.stat_id}/image/..%2F..%2Fnode.db").status_code == 404
+    assert console.client.get(f"/study/{ids.stat_id}/image/.hidden.png").status_code == 404
+    assert console.client.get("/study/999999").status_code == 404
+    r = console.client.get(f"/study/{ids.queued_id}")
+    assert r.status_code == 200 and "Not analysed yet" in r.text
+
+
+def test_resend_refusals_and_requeue(console: Console) -> None:
+    ids = console.ids
+    url = f"/study/{ids.stat_id}/exports/{ids.export_dead_job}/resend"
+
+    def state(job_id: int) -> JobState:
+        with Session(console.engine) as s:
+            return s.get(Job, job_id).state  # type: ignore[union-attr]
+
+    console.sign_in(web_seed.VIEWER)
+    token = console.csrf(f"/study/{ids.stat_id}")
+    assert console.client.post(url, data={"csrf_token": token}).status_code == 403
+    assert state(ids.export_dead_job) == JobState.dead
+
+    console.sign_in(web_seed.ADMIN)
+    assert console.client.post(url, data={}).status_code == 403  # no CSRF token
+    assert console.client.post(url, data={"csrf_token": "forged"}).status_code == 403
+    assert state(ids.export_dead_job) == JobState.dead
+    page = console.client.get(f"/study/{ids.stat_id}")
+    assert "Resend" in page.text
+    token = CSRF_RE.search(page.text).group(1)  # type: ignore[union-attr]
+    r = console.client.post(url, data={"csrf_token": token}, follow_redirects=False)
+    assert r.status_code == 303 and "msg=requeued" in r.headers["location"]
+    assert state(ids.export_dead_job) == JobState.queued
+    # a delivered export is sent again as a new job
+    r = console.client.post(f"/study/{ids.stat_id}/exports/{ids.export_ok_job}/resend", data={"csrf_token": token},
+                            follow_redirects=False)
+    assert "msg=resent" in r.headers["location"]
+    with Session(console.engine) as s:
+        assert s.scalar(select(func.count()).select_from(Job).where(Job.kind == JobKind.export)) == 3
+    # a job of another study is not found through this one
+    r = console.client.post(f"/study/{ids.routine_id}/exports/{ids.export_ok_job}/resend", data={"csrf_token": token})
+    assert r.status_code == 404
+    actions = [a[1] for a in console.audit()]
+    assert actions.count("export-resend") == 2
+
+
+# -- rules --------------------------------------------------------------------
+
+
+def _escalated_rules() -> str:
+    text = packaged_rules_text()
+    edited = text.replace('name = "Any PE"\npriority = "URGENT"', 'name = "Any PE"\npriority = "STAT"')
+    assert edited != text
+    return edited
+
+
+def _rule_sets(engine: Engine) -> int:
+    with Session(engine) as s:
+        return int(s.scalar(select(func.count()).select_from(RuleSetRecord)) or 0)
+
+
+def test_rules_page_preview_and_viewer_cannot_save(console: Console) -> None:
+    console.sign_in(web_seed.VIEWER)
+    r = console.client.get("/rules")
+    assert r.status_code == 200 and "Central PE" in r.text and "Save and put in force" not in r.text
+    token = CSRF_RE.search(r.text).group(1)  # type: ignore[union-attr]
+    r = console.client.post("/rules/preview", data={"csrf_token": token, "toml_text": _escalated_rules(), "last_n": "50"})
+    assert r.status_code == 200
+    assert "1 of 3 recent studies would change priority" in r.text
+    assert "RIGHT, ROBERT" in r.text
+    r = console.client.post("/rules/save", data={"csrf_token": token, "toml_text": _escalated_rules(), "comment": "x"})
+    assert r.status_code == 403 and "Only administrators" in r.text
+    assert _rule_sets(console.engine) == 0
+
+
+def test_rules_preview_needs_csrf(console: Console) -> None:
+    console.sign_in(web_seed.ADMIN)
+    r = console.client.post("/rules/preview", data={"toml_text": _escalated_rules()})
+    assert r.status_code == 403
+
+
+def test_bad_rules_show_the_error_in_place_and_change_nothing(console: Console) -> None:
+    console.sign_in(web_seed.ADMIN)
+    token = console.csrf("/rules")
+    bad = _escalated_rules().replace('priority = "STAT"\ncomment = "Central', 'priority = "SOON"\ncomment = "Central')
+    for path in ("/rules/save", "/rules/preview"):
+        r = console.client.post(path, data={"csrf_token": token, "toml_text": bad, "comment": "try"})
+        assert r.status_code == 422
+        assert "These rules are not valid; nothing was changed." in r.text
+        assert 'rule 1 &#34;Central PE&#34;' in r.text or "rule 1 &quot;Central PE&quot;" in r.text
+        assert "SOON" in r.text  # the editor keeps the text
+    r = console.client.post("/rules/save", data={"csrf_token": token, "toml_text": "rules = [", "comment": "try"})
+    assert r.status_code == 422 and "not valid TOML" in r.text
+    r = console.client.post("/rules/save", data={"csrf_token": token, "toml_text": _escalated_rules(), "comment": "  "})
+    assert r.status_code == 422 and "required" in r.text
+    assert console.client.post("/rules/save", data={"toml_text": _escalated_rules(), "comment": "x"}).status_code == 403
+    assert _rule_sets(console.engine) == 0
+
+
+def test_admin_saves_sees_history_and_rolls_back(console: Console) -> None:
+    console.sign_in(web_seed.ADMIN)
+    token = console.csrf("/rules")
+    r = console.client.post("/rules/save", data={"csrf_token": token, "toml_text": _escalated_rules(),
+                                                 "comment": "escalate every PE"}, follow_redirects=False)
+    assert r.status_code == 303
+    with Session(console.engine) as s:
+        row = active_record(s)
+        assert row is not None and row.author == "alice" and row.comment == "escalate every PE"
+        first_id = row.id
+    page = console.client.get(r.headers["location"])
+    assert f"Rule set {first_id} is now in force." in page.text
+    assert "escalate every PE" in page.text and '+priority = &#34;STAT&#34;' in page.text
+    r = console.client.post("/rules/save", data={"csrf_token": token, "toml_text": packaged_rules_text(),
+                                                 "comment": "back to defaults"}, follow_redirects=False)
+    assert r.status_code == 303
+    r = console.client.post(f"/rules/rollback/{first_id}", data={"csrf_token": token, "comment": ""})
+    assert r.status_code == 422
+    r = console.client.post(f"/rules/rollback/{first_id}", data={"csrf_token": token, "comment": "the escalation was right"},
+                            follow_redirects=False)
+    assert r.status_code == 303
+    with Session(console.engine) as s:
+        row = active_record(s)
+        assert row is not None and row.action == "rollback" and row.restored_from_id == first_id
+    actions = [a[1] for a in console.audit()]
+    assert actions.count("rules-activate") == 2 and actions.count("rules-rollback") == 1
+    console.sign_in(web_seed.VIEWER)
+    token = console.csrf("/rules")
+    assert console.client.post(f"/rules/rollback/{first_id}", data={"csrf_token": token, "comment": "x"}).status_code == 403
+
+
+# -- operations, health, metrics ----------------------------------------------
+
+
+def test_ops_page(console: Console) -> None:
+    console.sign_in(web_seed.VIEWER)
+    r = console.client.get("/ops")
+    assert r.status_code == 200
+    for text in ("worker@gpu0", "CT_SCANNER_1", "2026.1-test", "association rejected", "no CTPA series", "Free"):
+        assert text in r.text, text
+    assert "Audit log" not in r.text
+    console.sign_in(web_seed.ADMIN)
+    r = console.client.get("/ops")
+    assert "Audit log" in r.text and "sign-in" in r.text
+
+
+def test_readyz_reports_each_check(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    cfg = make_cfg(db_url, tmp_path, with_manifest=False)
+    with TestClient(create_app(cfg, engine)) as client:
+        r = client.get("/readyz")
+        assert r.status_code == 503
+        body = r.json()
+        assert body["checks"]["database"]["ok"] and body["checks"]["spool"]["ok"]
+        assert not body["checks"]["model"]["ok"] and "manifest" in body["checks"]["model"]["detail"]
+    cfg = make_cfg(db_url, tmp_path)
+    with TestClient(create_app(cfg, engine)) as client:
+        body = client.get("/readyz").json()
+        assert body["status"] == "ready" and body["checks"]["model"]["model_version"] == "2026.1-test"
+
+
+def test_metrics_parse(console: Console) -> None:
+    r = console.client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    jobs = {(s.labels["kind"], s.labels["state"]): s.value for s in families["petriage_jobs"].samples}
+    assert jobs[("export", "dead")] == 1 and jobs[("infer", "running")] == 1 and jobs[("infer", "succeeded")] == 3
+    exports = {s.labels["outcome"]: s.value for s in families["petriage_exports"].samples if s.name.endswith("_total")}
+    assert exports["failed"] == 1 and exports["delivered"] == 1
+    hist = families["petriage_inference_seconds"]
+    count = [s.value for s in hist.samples if s.name.endswith("_count")]
+    assert count == [3]
+    bucket_20 = [s.value for s in hist.samples if s.name.endswith("_bucket") and s.labels["le"] == "20.0"]
+    assert bucket_20 == [3]
+    rejected = [s.value for s in families["petriage_series_rejected"].samples if s.name.endswith("_total")]
+    assert rejected == [2]
+    assert "petriage_instances_received" in families
+    # a second scrape reads only new results and gives the same numbers
+    again = {f.name: f for f in text_string_to_metric_families(console.client.get("/metrics").text)}
+    assert [s.value for s in again["petriage_inference_seconds"].samples if s.name.endswith("_count")] == [3]
+
+
+def test_result_json_with_odd_values_still_renders(console: Console) -> None:
+    from pe_triage_node.db.models import TriageResult
+
+    with Session(console.engine) as s, s.begin():
+        for r in s.scalars(select(TriageResult)):
+            r.result_json = json.dumps({"attention": "nonsense", "thresholds": [1], "timings_s": None})
+            r.probabilities = "not json"
+    console.sign_in(web_seed.VIEWER)
+    assert console.client.get(f"/study/{console.ids.stat_id}").status_code == 200
+    assert console.client.get("/").status_code == 200
+    assert console.client.get("/metrics").status_code == 200
