@@ -90,3 +90,23 @@ def test_window_encoder_shapes_and_gradcam_closed_form() -> None:
     auto = gradcam_autograd(enc, x[1:2])
     assert torch.allclose(auto, cam[1], atol=1e-5, rtol=1e-4)
     assert float(cam[1].sum()) == pytest.approx(float(logit[1]) - float(enc.fc.bias[0].detach()), abs=1e-5)
+
+
+def test_folded_batchnorm_is_exact() -> None:
+    from torch import nn
+
+    from pe_triage_node.inference.networks import fold_batchnorm
+
+    torch.manual_seed(1)
+    enc = WindowEncoder().eval()
+    for m in enc.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.1, 0.1)
+    folded = fold_batchnorm(enc)
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in folded.modules())
+    x = torch.rand(1, 3, 10, 32, 32)
+    with torch.inference_mode():
+        for a, b in zip(enc(x), folded(x)):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
