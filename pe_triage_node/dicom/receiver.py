@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 import queue
+import re
 import socket
 import ssl
 import threading
@@ -174,6 +175,15 @@ class IndexCommitter(threading.Thread):
         self._postgres = engine.dialect.name == "postgresql"
         self._insert = pg_insert if self._postgres else sqlite_insert
         self._series_ids: dict[str, int] = {}
+        self._raw: Any = None
+        self._sql_insert_instance = self._sql(
+            "INSERT INTO instances (series_id, sop_instance_uid, sop_class_uid, transfer_syntax_uid, spool_path, "
+            "size_bytes, instance_number, image_position_patient, image_orientation_patient, slice_thickness, "
+            "association_id, received_at) VALUES (:series_id, :sop_instance_uid, :sop_class_uid, "
+            ":transfer_syntax_uid, :spool_path, :size_bytes, :instance_number, :image_position_patient, "
+            ":image_orientation_patient, :slice_thickness, :association_id, :received_at) "
+            "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING id"
+        )
 
     def submit(self, record: _Record, wait: bool = True) -> Future[bool] | None:
         fut: Future[bool] | None = Future() if wait else None
@@ -183,6 +193,7 @@ class IndexCommitter(threading.Thread):
     def stop(self) -> None:
         self._queue.put(None)
         self.join(timeout=30)
+        self._drop_connection()
 
     def run(self) -> None:
         stopping = False
@@ -209,6 +220,7 @@ class IndexCommitter(threading.Thread):
                 break
             except Exception as exc:  # the handler turns it into a status
                 self._series_ids.clear()
+                self._drop_connection()
                 if attempt == 2:
                     log.error("index commit failed for %d records", len(batch), exc_info=True)
                     for _rec, fut in batch:
@@ -219,12 +231,42 @@ class IndexCommitter(threading.Thread):
             if fut is not None:
                 fut.set_result(result)
 
+    # The hot path runs plain SQL on the DB-API connection: SQLAlchemy's per-statement
+    # construction and compilation cost more CPU than the database itself.
+    def _connection(self) -> Any:
+        if self._raw is None:
+            self._raw = self.engine.raw_connection()
+        return self._raw.driver_connection
+
+    def _drop_connection(self) -> None:
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            try:
+                raw.invalidate()
+            except Exception:
+                log.debug("closing a failed database connection", exc_info=True)
+
+    def _sql(self, text_: str) -> str:
+        """``:name`` parameters for sqlite3, ``%(name)s`` for psycopg."""
+        if not self._postgres:
+            return text_
+        return re.sub(r":([a-z_]+)", r"%(\1)s", text_)
+
+    def _at(self, value: dt.datetime) -> Any:
+        # SQLAlchemy stores SQLite datetimes as naive ISO text (UTC here); PostgreSQL takes timestamptz.
+        return value if self._postgres else value.strftime("%Y-%m-%d %H:%M:%S.%f")
+
     def _write(self, batch: list[tuple[_Record, Future[bool] | None]]) -> list[bool]:
+        conn = self._connection()
+        cur = conn.cursor()
         results: list[bool] = []
         counts: dict[int, int] = {}
         last_assoc: dict[int, tuple[str, dt.datetime]] = {}
         studies_seen: dict[str, int] = {}
-        with self.engine.begin() as conn:
+        new_series: list[str] = []
+        if not self._postgres:
+            cur.execute("BEGIN IMMEDIATE")
+        try:
             for rec, _fut in batch:
                 if isinstance(rec, _InstanceRecord):
                     a = rec.attrs
@@ -232,155 +274,178 @@ class IndexCommitter(threading.Thread):
                     if series_id is None:
                         study_id = studies_seen.get(a.study_instance_uid)
                         if study_id is None:
-                            study_id = self._upsert_study(conn, a, rec.received_at)
+                            study_id = self._upsert_study(cur, a, rec.received_at)
                             studies_seen[a.study_instance_uid] = study_id
-                        series_id = self._upsert_series(conn, a, study_id, rec)
+                        series_id = self._upsert_series(cur, a, study_id, rec)
+                        new_series.append(a.series_instance_uid)
                         self._series_ids[a.series_instance_uid] = series_id
-                    stmt = (
-                        self._insert(_INSTANCES)
-                        .values(
-                            series_id=series_id,
-                            sop_instance_uid=a.sop_instance_uid,
-                            sop_class_uid=a.sop_class_uid,
-                            transfer_syntax_uid=rec.transfer_syntax_uid,
-                            spool_path=rec.spool_path,
-                            size_bytes=rec.size_bytes,
-                            instance_number=a.instance_number,
-                            image_position_patient=a.image_position_patient,
-                            image_orientation_patient=a.image_orientation_patient,
-                            slice_thickness=a.slice_thickness,
-                            association_id=rec.association_id,
-                            received_at=rec.received_at,
-                        )
-                        .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-                    )
-                    inserted = conn.execute(stmt.returning(_INSTANCES.c.id)).first() is not None
+                    cur.execute(self._sql_insert_instance, {
+                        "series_id": series_id,
+                        "sop_instance_uid": a.sop_instance_uid,
+                        "sop_class_uid": a.sop_class_uid,
+                        "transfer_syntax_uid": rec.transfer_syntax_uid,
+                        "spool_path": rec.spool_path,
+                        "size_bytes": rec.size_bytes,
+                        "instance_number": a.instance_number,
+                        "image_position_patient": a.image_position_patient,
+                        "image_orientation_patient": a.image_orientation_patient,
+                        "slice_thickness": a.slice_thickness,
+                        "association_id": rec.association_id,
+                        "received_at": self._at(rec.received_at),
+                    })
+                    inserted = cur.fetchone() is not None
                     if inserted:
                         counts[series_id] = counts.get(series_id, 0) + 1
                     last_assoc[series_id] = (rec.association_id, rec.received_at)
                     results.append(inserted)
                 elif isinstance(rec, _AssociationStart):
-                    conn.execute(
-                        _ASSOCIATIONS.insert().values(
-                            id=rec.id,
-                            calling_ae=rec.calling_ae,
-                            called_ae=rec.called_ae,
-                            peer_address=rec.peer_address,
-                            receiver_pid=os.getpid(),
-                            started_at=rec.started_at,
-                            instances_stored=0,
-                        )
+                    cur.execute(
+                        self._sql(
+                            "INSERT INTO associations (id, calling_ae, called_ae, peer_address, receiver_pid, "
+                            "started_at, instances_stored) VALUES (:id, :calling_ae, :called_ae, :peer_address, "
+                            ":receiver_pid, :started_at, 0)"
+                        ),
+                        {
+                            "id": rec.id,
+                            "calling_ae": rec.calling_ae,
+                            "called_ae": rec.called_ae,
+                            "peer_address": rec.peer_address,
+                            "receiver_pid": os.getpid(),
+                            "started_at": self._at(rec.started_at),
+                        },
                     )
                     results.append(True)
                 elif isinstance(rec, _AssociationEnd):
-                    conn.execute(
-                        update(_ASSOCIATIONS)
-                        .where(_ASSOCIATIONS.c.id == rec.id)
-                        .values(
-                            released_at=rec.ended_at,
-                            outcome=rec.outcome,
-                            instances_stored=rec.instances_stored,
-                        )
+                    cur.execute(
+                        self._sql(
+                            "UPDATE associations SET released_at = :at, outcome = :outcome, "
+                            "instances_stored = :n WHERE id = :id"
+                        ),
+                        {"at": self._at(rec.ended_at), "outcome": rec.outcome, "n": rec.instances_stored, "id": rec.id},
                     )
                     results.append(True)
                 elif isinstance(rec, _InstanceRetract):
-                    gone = conn.execute(
-                        _INSTANCES.delete()
-                        .where(_INSTANCES.c.sop_instance_uid == rec.sop_instance_uid)
-                        .where(_INSTANCES.c.association_id == rec.association_id)
-                        .returning(_INSTANCES.c.series_id)
-                    ).first()
+                    cur.execute(
+                        self._sql(
+                            "DELETE FROM instances WHERE sop_instance_uid = :sop AND association_id = :assoc "
+                            "RETURNING series_id"
+                        ),
+                        {"sop": rec.sop_instance_uid, "assoc": rec.association_id},
+                    )
+                    gone = cur.fetchone()
                     if gone is not None:
-                        conn.execute(
-                            update(_SERIES)
-                            .where(_SERIES.c.id == gone[0])
-                            .values(instance_count=_SERIES.c.instance_count - 1)
+                        cur.execute(
+                            self._sql("UPDATE series SET instance_count = instance_count - 1 WHERE id = :id"),
+                            {"id": gone[0]},
                         )
                     results.append(gone is not None)
                 else:
-                    conn.execute(
-                        _REJECTIONS.insert().values(
-                            stage="receive",
-                            study_instance_uid=rec.study_uid,
-                            series_instance_uid=rec.series_uid,
-                            sop_instance_uid=rec.sop_uid,
-                            calling_ae=rec.calling_ae,
-                            status=rec.status,
-                            reason=rec.reason[:2000],
-                            created_at=utcnow(),
-                        )
+                    cur.execute(
+                        self._sql(
+                            "INSERT INTO rejections (stage, study_instance_uid, series_instance_uid, "
+                            "sop_instance_uid, calling_ae, status, reason, created_at) VALUES ('receive', :study, "
+                            ":series, :sop, :calling_ae, :status, :reason, :created_at)"
+                        ),
+                        {
+                            "study": rec.study_uid,
+                            "series": rec.series_uid,
+                            "sop": rec.sop_uid,
+                            "calling_ae": rec.calling_ae,
+                            "status": rec.status,
+                            "reason": rec.reason[:2000],
+                            "created_at": self._at(utcnow()),
+                        },
                     )
                     results.append(True)
-            series_t = _SERIES
             for series_id, (assoc_id, at) in last_assoc.items():
-                conn.execute(
-                    update(series_t)
-                    .where(series_t.c.id == series_id)
-                    .values(
-                        instance_count=series_t.c.instance_count + counts.get(series_id, 0),
-                        last_received_at=at,
-                        last_association_id=assoc_id,
-                    )
+                cur.execute(
+                    self._sql(
+                        "UPDATE series SET instance_count = instance_count + :n, last_received_at = :at, "
+                        "last_association_id = :assoc WHERE id = :id"
+                    ),
+                    {"n": counts.get(series_id, 0), "at": self._at(at), "assoc": assoc_id, "id": series_id},
                 )
+            if self._postgres:
+                conn.commit()
+            else:
+                cur.execute("COMMIT")
+        except BaseException:
+            for uid in new_series:
+                self._series_ids.pop(uid, None)
+            try:
+                if self._postgres:
+                    conn.rollback()
+                else:
+                    cur.execute("ROLLBACK")
+            except Exception:
+                log.debug("rollback failed", exc_info=True)
+            raise
+        finally:
+            cur.close()
         if len(self._series_ids) > 4096:
             self._series_ids.clear()
         return results
 
-    def _upsert_study(self, conn: Any, a: IndexedAttributes, at: dt.datetime) -> int:
-        t = _STUDIES
-        stmt = (
-            self._insert(t)
-            .values(
-                study_instance_uid=a.study_instance_uid,
-                patient_id=a.patient_id,
-                patient_name=a.patient_name,
-                patient_birth_date=a.patient_birth_date,
-                patient_sex=a.patient_sex,
-                patient_age=a.patient_age,
-                accession_number=a.accession_number,
-                study_description=a.study_description,
-                study_date=a.study_date,
-                study_time=a.study_time,
-                referring_physician=a.referring_physician,
-                first_received_at=at,
-                last_received_at=at,
-            )
-            .on_conflict_do_update(index_elements=["study_instance_uid"], set_={"last_received_at": at})
-            .returning(t.c.id)
+    def _upsert_study(self, cur: Any, a: IndexedAttributes, at: dt.datetime) -> int:
+        cur.execute(
+            self._sql(
+                "INSERT INTO studies (study_instance_uid, patient_id, patient_name, patient_birth_date, "
+                "patient_sex, patient_age, accession_number, study_description, study_date, study_time, "
+                "referring_physician, first_received_at, last_received_at) VALUES (:uid, :patient_id, "
+                ":patient_name, :patient_birth_date, :patient_sex, :patient_age, :accession_number, "
+                ":study_description, :study_date, :study_time, :referring_physician, :at, :at) "
+                "ON CONFLICT (study_instance_uid) DO UPDATE SET last_received_at = excluded.last_received_at "
+                "RETURNING id"
+            ),
+            {
+                "uid": a.study_instance_uid,
+                "patient_id": a.patient_id,
+                "patient_name": a.patient_name,
+                "patient_birth_date": a.patient_birth_date,
+                "patient_sex": a.patient_sex,
+                "patient_age": a.patient_age,
+                "accession_number": a.accession_number,
+                "study_description": a.study_description,
+                "study_date": a.study_date,
+                "study_time": a.study_time,
+                "referring_physician": a.referring_physician,
+                "at": self._at(at),
+            },
         )
-        return int(conn.execute(stmt).scalar_one())
+        return int(cur.fetchone()[0])
 
-    def _upsert_series(self, conn: Any, a: IndexedAttributes, study_id: int, rec: _InstanceRecord) -> int:
-        t = _SERIES
+    def _upsert_series(self, cur: Any, a: IndexedAttributes, study_id: int, rec: _InstanceRecord) -> int:
         state = SeriesState.receiving if a.sop_class_uid in CT_SOP_CLASSES else SeriesState.ignored
-        stmt = (
-            self._insert(t)
-            .values(
-                study_id=study_id,
-                series_instance_uid=a.series_instance_uid,
-                modality=a.modality,
-                sop_class_uid=a.sop_class_uid,
-                series_number=a.series_number,
-                series_description=a.series_description,
-                protocol_name=a.protocol_name,
-                image_type=a.image_type,
-                convolution_kernel=a.convolution_kernel,
-                slice_thickness=a.slice_thickness,
-                contrast_bolus_agent=a.contrast_bolus_agent,
-                state=state.value,
-                state_reason=None if state is SeriesState.receiving else f"SOP class {a.sop_class_uid} is not a CT image",
-                instance_count=0,
-                first_received_at=rec.received_at,
-                last_received_at=rec.received_at,
-                last_association_id=rec.association_id,
-                generation=0,
-            )
-            .on_conflict_do_update(
-                index_elements=["series_instance_uid"], set_={"last_received_at": rec.received_at}
-            )
-            .returning(t.c.id)
+        cur.execute(
+            self._sql(
+                "INSERT INTO series (study_id, series_instance_uid, modality, sop_class_uid, series_number, "
+                "series_description, protocol_name, image_type, convolution_kernel, slice_thickness, "
+                "contrast_bolus_agent, state, state_reason, instance_count, first_received_at, last_received_at, "
+                "last_association_id, generation) VALUES (:study_id, :uid, :modality, :sop_class_uid, "
+                ":series_number, :series_description, :protocol_name, :image_type, :convolution_kernel, "
+                ":slice_thickness, :contrast_bolus_agent, :state, :state_reason, 0, :at, :at, :assoc, 0) "
+                "ON CONFLICT (series_instance_uid) DO UPDATE SET last_received_at = excluded.last_received_at "
+                "RETURNING id"
+            ),
+            {
+                "study_id": study_id,
+                "uid": a.series_instance_uid,
+                "modality": a.modality,
+                "sop_class_uid": a.sop_class_uid,
+                "series_number": a.series_number,
+                "series_description": a.series_description,
+                "protocol_name": a.protocol_name,
+                "image_type": a.image_type,
+                "convolution_kernel": a.convolution_kernel,
+                "slice_thickness": a.slice_thickness,
+                "contrast_bolus_agent": a.contrast_bolus_agent,
+                "state": state.value,
+                "state_reason": None if state is SeriesState.receiving else f"SOP class {a.sop_class_uid} is not a CT image",
+                "at": self._at(rec.received_at),
+                "assoc": rec.association_id,
+            },
         )
-        return int(conn.execute(stmt).scalar_one())
+        return int(cur.fetchone()[0])
 
     def instance_known(self, sop_instance_uid: str) -> bool:
         with self.engine.connect() as conn:
