@@ -122,3 +122,30 @@ def write_outputs(
         save_atomically(ds, path)
         paths.append(path)
     return paths
+
+
+def standalone_decision(result: StudyResult, datasets: Sequence[Dataset], rules_path: Path | None = None) -> PriorityDecision:
+    """The priority from the rules file in force without a database (``rules_path``, else
+    ``config/rules.toml``, else the packaged defaults), for ``pe-triage infer --outputs``."""
+    from pe_triage_node.rules import STORED_ATTRIBUTES, parse_rules, priority_for
+    from pe_triage_node.rules.store import fallback_rules_text
+
+    text, where = fallback_rules_text(rules_path)
+    rules = parse_rules(text, where)
+    first = datasets[0]
+    attributes = {k: str(v) for k in STORED_ATTRIBUTES if (v := first.get(k)) not in (None, "")}
+    return priority_for(result, attributes, rules)
+
+
+def write_standalone_outputs(
+    result: StudyResult,
+    dicom_dir: Path,
+    out_dir: Path,
+    *,
+    rules_path: Path | None = None,
+    uid_prefix: str = identity.OUTPUT_UID_PREFIX,
+) -> tuple[PriorityDecision, list[Path]]:
+    """What ``pe-triage infer DICOM_DIR --outputs OUT_DIR`` does: decide the priority and write the SR and SCs."""
+    datasets = load_source_series(dicom_dir, result.series_instance_uid)
+    decision = standalone_decision(result, datasets, rules_path)
+    return decision, write_outputs(result, datasets, decision, out_dir, uid_prefix=uid_prefix)

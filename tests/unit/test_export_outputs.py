@@ -182,3 +182,11 @@ def test_derived_uid_rejects_a_bad_source_uid() -> None:
         identity.derived_uid("1.2.03", "v1", identity.KIND_SR)
     with pytest.raises(ValueError):
         identity.derived_uid("1.2.3", "", identity.KIND_SR)
+
+
+def test_standalone_outputs_use_the_shipped_rules(result: StudyResult, series_dir: Path, tmp_path: Path) -> None:
+    from pe_triage_node.export.outputs import write_standalone_outputs
+
+    decision, paths = write_standalone_outputs(result, series_dir, tmp_path)
+    assert decision.priority == Priority.STAT and decision.rule_name == "Central PE"  # shipped default rule 1
+    assert pydicom.dcmread(paths[0]).SeriesDescription == "AI PE TRIAGE: STAT - central PE, RV/LV>=1"
