@@ -1,0 +1,132 @@
+"""Results to real peers on loopback: dcmtk ``storescp`` and Orthanc (the SR lands under the original study)."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from pe_triage_node.config import NodeConfig
+from pe_triage_node.db.migrate import upgrade
+from pe_triage_node.db.models import JobState
+from pe_triage_node.db.session import make_engine
+from pe_triage_node.export.exporter import Exporter, enqueue_exports
+from pe_triage_node.export.outputs import write_outputs
+from pe_triage_node.inference.result import StudyResult
+from pe_triage_node.queue import get_job
+from pe_triage_node.rules import Priority
+
+try:
+    from tests import export_support as es
+    from tests import peers
+except ModuleNotFoundError:  # tests/ on sys.path (rootdir conftest)
+    import export_support as es  # type: ignore[no-redef]
+    import peers  # type: ignore[no-redef]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def series_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return es.write_series(tmp_path_factory.mktemp("peer_series"))
+
+
+@pytest.fixture(scope="module")
+def result(series_dir: Path) -> StudyResult:
+    return es.positive(es.analyse(series_dir))
+
+
+@pytest.fixture(scope="module")
+def outputs(result: StudyResult, series_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_outputs(result, series_dir, es.decision(Priority.STAT), tmp_path_factory.mktemp("outputs"))
+
+
+@pytest.fixture
+def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    upgrade(url)
+    eng = make_engine(url)
+    yield eng
+    eng.dispose()
+
+
+def export_to(engine: Engine, tmp_path: Path, port: int, paths: list[Path], result: StudyResult) -> Any:
+    cfg = NodeConfig(
+        node={"var_dir": tmp_path},
+        export={"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}], "backoff_base_s": 0.1},
+    )
+    with Session(engine) as s, s.begin():
+        [job_id] = enqueue_exports(s, cfg.export, paths, result=result, decision=es.decision(Priority.STAT))
+    exporter = Exporter(engine, cfg)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        exporter.process_one()
+        with Session(engine) as s:
+            job = get_job(s, job_id)
+        if job is not None and job.state in (JobState.succeeded, JobState.dead):
+            return job
+        time.sleep(0.1)
+    raise AssertionError("export job did not finish")
+
+
+def test_storescp_receives_valid_objects(sqlite_engine: Engine, outputs: list[Path], result: StudyResult, tmp_path: Path) -> None:
+    port = peers.free_port()
+    received = tmp_path / "storescp"
+    proc = peers.start_storescp(port, received)
+    try:
+        job = export_to(sqlite_engine, tmp_path, port, outputs, result)
+    finally:
+        peers.stop_process(proc)
+    assert job.state == JobState.succeeded, job.last_error
+    files = sorted(received.iterdir())
+    assert len(files) == len(outputs)
+    sent = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in outputs}
+    got = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in files}
+    assert got == sent
+    for f in files:
+        assert es.dciodvfy_errors(f) == [], f.name
+    sr = next(f for f in files if pydicom.dcmread(f, stop_before_pixels=True).Modality == "SR")
+    assert "AI triage priority" in es.dsrdump(sr)
+
+
+def _get(http_port: int, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{path}", timeout=10) as rsp:
+        return json.loads(rsp.read())
+
+
+def test_orthanc_files_the_results_under_the_original_study_and_a_rerun_replaces(
+    sqlite_engine: Engine, outputs: list[Path], result: StudyResult, series_dir: Path, tmp_path: Path
+) -> None:
+    dicom_port, http_port = peers.free_port(), peers.free_port()
+    proc = peers.start_orthanc(tmp_path / "orthanc", dicom_port, http_port)
+    try:
+        sent = peers.storescu(dicom_port, [series_dir], called="PACS")
+        assert sent.returncode == 0, sent.stderr
+        job = export_to(sqlite_engine, tmp_path, dicom_port, outputs, result)
+        assert job.state == JobState.succeeded, job.last_error
+        studies = _get(http_port, "/studies?expand")
+        assert len(studies) == 1  # the results joined the source study, no new study
+        study = studies[0]
+        assert study["MainDicomTags"]["StudyInstanceUID"] == result.study_instance_uid
+        series = _get(http_port, f"/studies/{study['ID']}/series?expand")
+        by_modality = {s["MainDicomTags"].get("Modality"): s for s in series}
+        assert set(by_modality) == {"CT", "SR", "OT"}
+        sr_series = by_modality["SR"]
+        assert sr_series["MainDicomTags"]["SeriesDescription"] == "AI PE TRIAGE: STAT - central PE, RV/LV>=1"
+        tags = _get(http_port, f"/instances/{sr_series['Instances'][0]}/simplified-tags")
+        assert tags["VerificationFlag"] == "UNVERIFIED" and tags["PatientID"] == es.PATIENT_ID
+        assert len(by_modality["OT"]["Instances"]) == len(outputs) - 1
+        before = _get(http_port, "/statistics")["CountInstances"]
+        again = export_to(sqlite_engine, tmp_path, dicom_port, outputs, result)  # a re-run: same derived UIDs
+        assert again.state == JobState.succeeded
+        assert _get(http_port, "/statistics")["CountInstances"] == before
+    finally:
+        peers.stop_process(proc)
