@@ -145,7 +145,9 @@ def main() -> int:
             probe["bf16"] = conv3d_probe("bf16", device)
         print(f"phase-1 window: {gflop:.1f} GFLOP (flop counter); conv3d probe GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in probe.items()), flush=True)
 
-        engine = InferenceEngine(random_model(0), device=str(device), precision=precision, batch_size=args.batch_size, lung_crop="threshold")
+        engine = InferenceEngine(
+            random_model(0), device=str(device), precision=precision, batch_size=args.batch_size, lung_crop="threshold"  # type: ignore[arg-type]
+        )
         engine.analyse(Path(tmp) / "warm")  # first-call kernel set-up, not part of the study time
         layout = phase1_layout_probe(engine, args.batch_size) if args.layout_probe else {}
         if layout:

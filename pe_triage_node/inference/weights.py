@@ -42,7 +42,7 @@ from pe_triage_node.inference.networks import StudyModel, StudyModelSpec, Window
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "pe-triage-weights/1"
+MANIFEST_FORMAT: Literal["pe-triage-weights/1"] = "pe-triage-weights/1"
 DEFAULT_INTENDED_USE = (
     "Research triage of CT pulmonary angiograms for suspected pulmonary embolism. "
     "NOT FOR DIAGNOSTIC USE: not a medical device; every finding needs a radiologist's read."

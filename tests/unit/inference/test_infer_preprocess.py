@@ -123,3 +123,16 @@ def test_lungmask_wrong_file_is_a_weights_error(tmp_path: Path) -> None:
     torch.save({"conv.weight": torch.zeros(3)}, bad)
     with pytest.raises(WeightsError, match="lungmask weights"):
         LungmaskBox(bad, device=CPU)
+
+
+def test_engine_auto_uses_configured_lungmask_and_records_it(tmp_path: Path, phantom) -> None:  # type: ignore[no-untyped-def]
+    from pe_triage_node.inference.engine import InferenceEngine
+    from pe_triage_node.inference.weights import random_model
+
+    weights = _tiny_r231(tmp_path / "r231.pth")
+    engine = InferenceEngine(random_model(0, input_size=16), device="cpu", lung_crop="auto", lungmask_weights=weights)
+    assert engine.lungmask is not None
+    result = engine.analyse(_volume(phantom(nz=10, n=64), (1.0, 1.0, 1.0)))
+    assert result.lung_crop_method.startswith("lungmask")
+    forced = InferenceEngine(random_model(0, input_size=16), device="cpu", lung_crop="threshold", lungmask_weights=weights)
+    assert forced.lungmask is None
