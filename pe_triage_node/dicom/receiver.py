@@ -28,6 +28,7 @@ import os
 import queue
 import re
 import socket
+import struct
 import ssl
 import threading
 import uuid
@@ -51,8 +52,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
-from pynetdicom.dsutils import encode_file_meta
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -110,6 +110,33 @@ _COMMIT_TIMEOUT_S = 60.0
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", group, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def _even(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii", "replace")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str) -> bytes:
+    """Preamble, "DICM" and the File Meta Information (PS3.10 7.1), encoded directly (UIDs already validated)."""
+    body = b"".join(
+        (
+            _element(2, 0x0001, b"OB", b"\x00\x01"),
+            _element(2, 0x0002, b"UI", _even(sop_class_uid, b"\x00")),
+            _element(2, 0x0003, b"UI", _even(sop_instance_uid, b"\x00")),
+            _element(2, 0x0010, b"UI", _even(transfer_syntax_uid, b"\x00")),
+            _element(2, 0x0012, b"UI", _even(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+            _element(2, 0x0013, b"SH", _even(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+            _element(2, 0x0016, b"AE", _even(source_ae, b" ")),
+        )
+    )
+    return _PREAMBLE + _element(2, 0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
 # -- records handed to the committer ---------------------------------------------
@@ -861,9 +888,7 @@ class StorageSCP:
         if self.spool.exists(rel) and self.committer.instance_known(attrs.sop_instance_uid):
             log.info("duplicate instance %s acknowledged, first copy kept", attrs.sop_instance_uid)
             return STATUS_SUCCESS
-        meta = event.file_meta
-        meta.SourceApplicationEntityTitle = st.calling_ae
-        header = _PREAMBLE + encode_file_meta(meta)
+        header = file_meta_bytes(attrs.sop_class_uid, attrs.sop_instance_uid, ts, st.calling_ae)
         size = len(header) + len(stream)
         try:
             self.spool.check_space(size)
