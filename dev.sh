@@ -21,7 +21,7 @@ install_peers() {
   fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends dcmtk orthanc dicom3tools >/dev/null
+  apt-get install -y -qq --no-install-recommends dcmtk orthanc dicom3tools chromium >/dev/null
 }
 
 start_postgres() {

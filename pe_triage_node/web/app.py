@@ -583,7 +583,7 @@ def _filters(env: jinja2.Environment) -> None:
         return f"{s // 3600} h ago"
 
     env.filters.update(time=fmt_time, prob=fmt_prob, bytes=fmt_bytes, ago=ago, label=views.label_name,
-                       pn=views.format_person_name)
+                       pn=views.format_person_name, age=views.format_age)
 
 
 def create_app(cfg: NodeConfig, engine: Engine | None = None) -> Starlette:

@@ -79,6 +79,12 @@ def format_person_name(pn: str | None) -> str:
     return f"{family}, {rest}" if rest else family
 
 
+def format_age(age: str | None) -> str:
+    """DICOM AS ``043Y`` as ``43 y`` (days, weeks, months: d, w, m)."""
+    m = re.match(r"^\s*(\d{1,3})\s*([DWMY])\s*$", age or "")
+    return f"{int(m[1])} {m[2].lower()}" if m else (age or "").strip()
+
+
 def _json(text: str | None, default: Any) -> Any:
     try:
         value = json.loads(text or "")
@@ -293,7 +299,7 @@ def worklist(session: Session, flt: WorklistFilter, limit: int = 500) -> list[Wo
             patient_id=study.patient_id or "",
             accession=study.accession_number or "",
             description=study.study_description or "",
-            age_sex=" ".join(x for x in (study.patient_age or "", study.patient_sex or "") if x),
+            age_sex=" ".join(x for x in (format_age(study.patient_age), study.patient_sex or "") if x),
             findings=findings,
             positive=positive,
             pe_probability=pe_probability(probabilities, full) if result is not None else None,
