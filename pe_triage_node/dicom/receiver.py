@@ -590,7 +590,7 @@ def serve_committer_connection(
             continue
         if req_id:
             fut.add_done_callback(functools.partial(reply, req_id))
-        if isinstance(record, _AssociationEnd) and record.outcome == "released":
+        if isinstance(record, _AssociationEnd):
             fut.add_done_callback(functools.partial(released, record.id))
 
 
@@ -850,7 +850,7 @@ class StorageSCP:
             if fut is not None:
                 fut.result(timeout=_COMMIT_TIMEOUT_S)
             log.info("association %s %s, %d instances stored", st.id, outcome, st.stored)
-            if outcome == "released" and self.on_association_released is not None:
+            if self.on_association_released is not None:  # released or aborted: assembly checks its series
                 self.on_association_released(st.id)
         except Exception:
             log.error("could not record the end of an association", exc_info=True)

@@ -107,8 +107,8 @@ def serve(cfg: NodeConfig, *, on_association_released: ReleasedCallback | None =
     """Run the Storage SCP until SIGTERM/SIGINT (blocks).
 
     ``on_association_released(association_id)`` is called, in this process and off
-    the association threads, after an association was released normally and its
-    ``associations`` row (released_at, outcome) committed.
+    the association threads, after an association ended (released or aborted) and
+    its ``associations`` row (released_at, outcome) was committed.
     """
     from pe_triage_node.dicom.spool import Spool
 

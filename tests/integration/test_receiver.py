@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,12 @@ def start_node(tmp_path: Path) -> Iterator[Any]:
     nodes: list[Node] = []
 
     def start(
-        *, database_url: str | None = None, tls: dict[str, Any] | None = None, name: str = "node", **receiver: Any
+        *,
+        database_url: str | None = None,
+        tls: dict[str, Any] | None = None,
+        name: str = "node",
+        assembly: bool = False,
+        **receiver: Any,
     ) -> Node:
         d = tmp_path / name
         d.mkdir(exist_ok=True)
@@ -73,7 +79,7 @@ def start_node(tmp_path: Path) -> Iterator[Any]:
         url = database_url or f"sqlite:///{d / 'var' / 'node.db'}"
         cfg = peers.write_receiver_config(d, port, database_url=url, receiver=receiver, tls=tls)
         log = d / "receiver.log"
-        proc = peers.start_receiver(cfg, port, log_path=log)
+        proc = peers.start_receiver(cfg, port, log_path=log, assembly=assembly)
         node = Node(port, proc, cfg, d / "var" / "spool", log, url, make_engine(url))
         nodes.append(node)
         return node
@@ -109,6 +115,14 @@ def _scu_status(port: int, path_or_ds: Any, *, raw: bool = False, ts: str = Expl
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = previous
         assoc.release()
+
+
+def _wait_until(predicate: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.1)
 
 
 # -- storescu: real data, generated data, compressed, parallel --------------------------------------
@@ -354,3 +368,17 @@ def test_receive_indexes_on_each_database(db_url: str, start_node: Any, tmp_path
     row = node.rows("SELECT state, instance_count, modality FROM series")[0]
     assert (row.state, row.instance_count, row.modality) == ("receiving", 6, "CT")
     assert node.scalar("SELECT count(*) FROM associations WHERE outcome = 'released'") == 1
+
+
+def test_released_association_hands_series_to_assembly(start_node: Any) -> None:
+    """Receiver + series assembly in one process: one reconstruction per real study selected."""
+    realdata = peers.realdata_dir()
+    if realdata is None:
+        pytest.skip(f"real data not found at {peers.REALDATA_DIR} (a checkout without ../shared/realdata)")
+    node = start_node(assembly=True)
+    res = peers.storescu(node.port, [realdata])
+    assert res.returncode == 0, res.stderr
+    _wait_until(lambda: node.scalar("SELECT count(*) FROM series WHERE state IN ('receiving', 'complete')") == 0)
+    states = node.rows("SELECT study_id, state, state_reason FROM series ORDER BY study_id, state")
+    assert [r.state for r in states] == ["rejected", "selected", "rejected", "selected"]
+    assert all(r.state_reason for r in states)
