@@ -26,6 +26,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
+from pynetdicom.presentation import PresentationContext
 
 from pe_triage_node.config import DestinationSection
 
@@ -78,14 +79,14 @@ def tls_context(dest: DestinationSection) -> ssl.SSLContext:
     return ctx
 
 
-def _contexts(datasets: Sequence[Dataset]) -> list[object]:
+def _contexts(datasets: Sequence[Dataset]) -> list[PresentationContext]:
     by_class: dict[str, list[str]] = {}
     for ds in datasets:
         syntaxes = by_class.setdefault(str(ds.SOPClassUID), [])
         ts = str(ds.file_meta.TransferSyntaxUID)
         if ts not in syntaxes:
             syntaxes.append(ts)
-    contexts = []
+    contexts: list[PresentationContext] = []
     for sop_class, syntaxes in by_class.items():
         if ImplicitVRLittleEndian not in syntaxes:
             syntaxes.append(ImplicitVRLittleEndian)
@@ -105,11 +106,11 @@ def send_files(
     """C-STORE every file in ``paths`` to ``dest`` over one association; returns the per-file outcome."""
     report = SendReport(destination=dest.name)
     datasets: list[tuple[str, Dataset]] = []
-    for path in paths:
+    for file in paths:
         try:
-            datasets.append((str(path), pydicom.dcmread(path)))
+            datasets.append((str(file), pydicom.dcmread(file)))
         except (OSError, pydicom.errors.InvalidDicomError) as exc:
-            report.failed[str(path)] = f"unreadable output file: {type(exc).__name__}"
+            report.failed[str(file)] = f"unreadable output file: {type(exc).__name__}"
     if not datasets:
         if not report.failed:
             report.association_error = "nothing to send"

@@ -183,7 +183,7 @@ def _device_observer(result: StudyResult, prefix: str) -> hd.sr.ObserverContext:
 def _study_evaluations(result: StudyResult, decision: PriorityDecision) -> hd.sr.ContainerContentItem:
     """TID 1500 row 12: the triage priority (CODE), the rule behind it and the disclaimer (TEXT)."""
     container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-    items: list[Dataset] = [
+    items: list[hd.sr.ContentItem] = [
         hd.sr.CodeContentItem(
             name=private_code("TRIAGE-PRIORITY"),
             value=private_code(PRIORITY_CODES[decision.priority]),

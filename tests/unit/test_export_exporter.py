@@ -71,7 +71,7 @@ class StoreSCP:
 
     def _on_store(self, event: evt.Event) -> int:
         if self.status in (0x0000, 0xB000, 0xB006, 0xB007):
-            self.received.append(event.request.AffectedSOPInstanceUID)
+            self.received.append(str(event.dataset.SOPInstanceUID))
         self.calling.append(event.assoc.requestor.ae_title)
         return self.status
 
@@ -138,7 +138,7 @@ def test_one_job_per_destination_plus_webhook_deduplicated(engine: Engine, files
     assert enqueue(engine, cfg, files, Priority.STAT) == ids  # same outputs again: no duplicate while active
     with Session(engine) as s:
         jobs = [get_job(s, i) for i in ids]
-    keys = [j.dedupe_key for j in jobs if j is not None]
+    keys = [j.dedupe_key or "" for j in jobs if j is not None]
     assert keys[0].startswith("export:pacs:") and keys[1].startswith("export:archive:") and keys[2].startswith("export:webhook:")
     assert all(j is not None and j.max_attempts == cfg.export.max_attempts and j.priority == 100 for j in jobs)
     routine = enqueue(engine, cfg, files[:2], Priority.ROUTINE)
@@ -278,7 +278,7 @@ def test_sender_proposes_only_the_sop_classes_it_sends(files: list[Path], scp: S
     original = AE.associate
 
     def spy(self: AE, *args: Any, **kwargs: Any) -> Any:
-        seen.append(sorted({cx.abstract_syntax for cx in self.requested_contexts}))
+        seen.append(sorted({str(cx.abstract_syntax) for cx in self.requested_contexts}))
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(AE, "associate", spy)
