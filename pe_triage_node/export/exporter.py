@@ -289,3 +289,23 @@ class Exporter:
             scheduler.shutdown(wait=True)
             self._scheduler = None
             log.info("exporter %s stopped", self.worker_id)
+
+
+def run_exporter_service(cfg: NodeConfig, stop_event: threading.Event | None = None) -> None:
+    """The exporter process: one engine, the polling loop, SIGTERM/SIGINT stop it cleanly.
+
+    Signal handlers are installed only when called from the main thread.
+    """
+    import signal
+
+    from pe_triage_node.db.session import make_engine
+
+    stop = stop_event or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    engine = make_engine(cfg.database_url)
+    try:
+        Exporter(engine, cfg).run_forever(stop)
+    finally:
+        engine.dispose()

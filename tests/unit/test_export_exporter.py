@@ -13,6 +13,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydantic import SecretStr
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import Engine
@@ -286,3 +287,20 @@ def test_sender_proposes_only_the_sop_classes_it_sends(files: list[Path], scp: S
     report = send_files(dest, files[:2], calling_ae_title="PETRIAGE")
     assert report.ok and len(report.delivered) == 2
     assert seen == [["1.2.840.10008.5.1.4.1.1.2"]]  # CT Image Storage only
+
+
+def test_exporter_service_runs_until_stopped(engine: Engine, db_url: str, files: list[Path], tmp_path: Path, scp: StoreSCP) -> None:
+    from pe_triage_node.export.exporter import run_exporter_service
+
+    cfg = config(tmp_path, {"pacs": scp.port})
+    cfg.database.url = SecretStr(db_url)
+    [job_id] = enqueue(engine, cfg, files[:1])
+    stop = threading.Event()
+    thread = threading.Thread(target=run_exporter_service, args=(cfg, stop), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while state(engine, job_id).state != JobState.succeeded and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stop.set()
+    thread.join(15)
+    assert state(engine, job_id).state == JobState.succeeded and not thread.is_alive()
