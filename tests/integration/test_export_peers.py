@@ -130,3 +130,63 @@ def test_orthanc_files_the_results_under_the_original_study_and_a_rerun_replaces
         assert _get(http_port, "/statistics")["CountInstances"] == before
     finally:
         peers.stop_process(proc)
+
+
+def _make_pki(d: Path) -> None:
+    """A throw-away CA, a server certificate for 127.0.0.1 (subjectAltName) and a client certificate."""
+    import subprocess
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    d.mkdir()
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=export-test-ca", "-keyout", "ca.key", "-out", "ca.crt")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "2", "-extfile", "san.ext", "-out", f"{name}.crt")
+
+
+def test_tls_destination_with_client_certificate(files_for_tls: list[Path], tmp_path: Path) -> None:
+    """DICOM TLS (PS3.15 B.1): the peer's certificate is verified and ours is presented."""
+    import ssl
+
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    from pe_triage_node.config import DestinationSection
+    from pe_triage_node.export.sender import send_files
+
+    pki = tmp_path / "pki"
+    _make_pki(pki)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.crt"))
+    server_ctx.load_cert_chain(str(pki / "server.crt"), str(pki / "server.key"))
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.supported_contexts = AllStoragePresentationContexts
+    port = peers.free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=server_ctx, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        peers.wait_for_port(port)
+        dest = DestinationSection(
+            name="tls-pacs", ae_title="PACS", host="127.0.0.1", port=port, tls=True,
+            ca_certificates=pki / "ca.crt", certificate=pki / "client.crt", private_key=pki / "client.key",
+        )
+        report = send_files(dest, files_for_tls, calling_ae_title="PETRIAGE", acse_timeout_s=10)
+        assert report.ok, report.summary()
+        assert len(received) == len(files_for_tls)
+        no_cert = dest.model_copy(update={"certificate": None, "private_key": None})
+        assert not send_files(no_cert, files_for_tls, calling_ae_title="PETRIAGE", acse_timeout_s=5).ok
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+def files_for_tls(outputs: list[Path]) -> list[Path]:
+    return outputs[:2]
