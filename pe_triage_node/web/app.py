@@ -215,6 +215,10 @@ async def signin_submit(request: Request) -> Response:
 
     def work() -> str | None:
         with Session(_engine(request)) as s, s.begin():
+            if auth.too_many_failures(s, username):
+                auth.audit(s, "sign-in-failed", username=username or None, detail="too many failures: locked",
+                           remote_addr=remote)
+                return None
             user = auth.verify_password(s, username, password)
             if user is None:
                 auth.audit(s, "sign-in-failed", username=username or None, remote_addr=remote)
@@ -315,7 +319,13 @@ async def study_image(request: Request) -> Response:
     path = await run_in_threadpool(work)
     if path is None:
         return Response("not found", status_code=404, media_type="text/plain")
-    return FileResponse(path, media_type="image/png", headers={"cache-control": "private, max-age=60"})
+    headers = {"cache-control": "private, max-age=60"}
+    if path.suffix == ".dcm":  # the worker's DICOM Secondary Capture, shown as PNG
+        png = await run_in_threadpool(views.secondary_capture_png, path)
+        if png is None:
+            return Response("not found", status_code=404, media_type="text/plain")
+        return Response(png, media_type="image/png", headers=headers)
+    return FileResponse(path, media_type="image/png", headers=headers)
 
 
 _MESSAGES = {

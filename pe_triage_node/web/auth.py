@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from pe_triage_node.db.models import AuditEvent, WebSession, WebUser, utcnow
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 ROLES = ("viewer", "admin")
 _USERNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 MIN_PASSWORD_LENGTH = 10
+MAX_FAILED_SIGN_INS = 10
+FAILED_SIGN_IN_WINDOW = dt.timedelta(minutes=15)
 _hasher = PasswordHasher()
 # Verified against when the user does not exist, so timing does not reveal names.
 _DUMMY_HASH = _hasher.hash("not-a-real-password-0")
@@ -192,6 +194,18 @@ def audit(
             remote_addr=remote_addr[:64] if remote_addr else None,
         )
     )
+
+
+def too_many_failures(session: Session, username: str, *, limit: int = MAX_FAILED_SIGN_INS,
+                      window: dt.timedelta = FAILED_SIGN_IN_WINDOW) -> bool:
+    """True when ``username`` had ``limit`` failed sign-ins within ``window`` (password guessing)."""
+    since = utcnow() - window
+    failures = session.scalar(
+        select(func.count()).select_from(AuditEvent).where(
+            AuditEvent.action == "sign-in-failed", AuditEvent.username == username, AuditEvent.at >= since
+        )
+    )
+    return int(failures or 0) >= limit
 
 
 def recent_audit(session: Session, limit: int = 50) -> list[AuditEvent]:

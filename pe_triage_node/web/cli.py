@@ -7,18 +7,38 @@ import getpass
 import logging
 import sys
 
+from typing import TYPE_CHECKING
+
 from pe_triage_node.cli import add_config_option, config_from_args
+from pe_triage_node.config import NodeConfig
+
+if TYPE_CHECKING:
+    import uvicorn
+    from sqlalchemy import Engine
 
 log = logging.getLogger(__name__)
 
 
-def _prepare(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _prepare(args: argparse.Namespace) -> NodeConfig:
     from pe_triage_node.db.migrate import upgrade
 
     cfg = config_from_args(args)
     cfg.node.var_dir.mkdir(parents=True, exist_ok=True)
     upgrade(cfg.database_url)
     return cfg
+
+
+def make_server(cfg: NodeConfig, engine: Engine | None = None, host: str | None = None,
+                port: int | None = None) -> uvicorn.Server:
+    """The console's uvicorn server, for ``pe-triage run``: ``threading.Thread(target=server.run)``,
+    stop with ``server.should_exit = True`` (signal handlers are only installed on the main thread)."""
+    import uvicorn
+
+    from pe_triage_node.web.app import create_app
+
+    config = uvicorn.Config(create_app(cfg, engine), host=host or cfg.web.host, port=port or cfg.web.port,
+                            log_level="warning", access_log=False, proxy_headers=False, server_header=False)
+    return uvicorn.Server(config)
 
 
 def _web(args: argparse.Namespace) -> int:

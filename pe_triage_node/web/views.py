@@ -56,6 +56,8 @@ LABEL_NAMES: dict[str, str] = {
 LABEL_ORDER = tuple(LABEL_NAMES)
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _PNG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.png$")
+_DCM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.dcm$")
+_SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage (and multi-frame SCs)
 # Sort order on the worklist: STAT, URGENT, studies still in analysis, ROUTINE, the rest.
 _SORT_RANK = {"STAT": 0, "URGENT": 1, None: 2, "ROUTINE": 3}
 
@@ -91,6 +93,10 @@ def _json(text: str | None, default: Any) -> Any:
     except (json.JSONDecodeError, TypeError):
         return default
     return value if isinstance(value, type(default)) else default
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _num(value: Any) -> float | None:
@@ -371,29 +377,79 @@ class StudyPage:
         return [x for x in g if isinstance(x, dict)] if isinstance(g, list) else []
 
 
+def outputs_root(cfg: NodeConfig) -> Path:
+    """Where the worker writes a series' outputs: ``export.outputs_dir`` (under var_dir), default ``outputs``."""
+    export = getattr(cfg, "export", None)
+    configured = getattr(export, "outputs_dir", None)
+    return cfg.resolve(configured if isinstance(configured, Path) else Path("outputs"))
+
+
 def output_dir(cfg: NodeConfig, series_uid: str) -> Path | None:
-    """``<var_dir>/outputs/<series uid>``, or ``None`` when the UID is not a valid UID."""
+    """``<outputs>/<series uid>``, or ``None`` when the UID is not a valid UID."""
     if not valid_uid(series_uid):
         return None
-    return cfg.node.var_dir / "outputs" / series_uid
+    return outputs_root(cfg) / series_uid
+
+
+def _is_secondary_capture(path: Path) -> bool:
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:  # not DICOM, unreadable: not shown
+        return False
+    return str(getattr(ds, "SOPClassUID", "")).startswith(_SC_PREFIX)
 
 
 def output_images(cfg: NodeConfig, series_uid: str) -> list[str]:
-    """Names of the rendered PNGs (summary first, then Grad-CAM overlays) for a series."""
+    """Names of the rendered images for a series, summary first.
+
+    PNG files when the worker rendered them; otherwise its DICOM Secondary
+    Captures (``*.dcm``), converted to PNG when requested.
+    """
     folder = output_dir(cfg, series_uid)
     if folder is None or not folder.is_dir():
         return []
-    names = sorted(p.name for p in folder.iterdir() if _PNG_RE.match(p.name) and p.is_file())
-    return sorted(names, key=lambda n: (0 if "summary" in n else 1, n))
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    names = [p.name for p in files if _PNG_RE.match(p.name)]
+    if not names:
+        names = [p.name for p in files if _DCM_RE.match(p.name) and _is_secondary_capture(p)][:24]
+    return sorted(names, key=lambda n: (0 if "summary" in n.lower() else 1, n))
 
 
 def image_path(cfg: NodeConfig, series_uid: str, name: str) -> Path | None:
     """The file behind an image URL, after checking UID and name (no path built from raw input)."""
     folder = output_dir(cfg, series_uid)
-    if folder is None or not _PNG_RE.match(name):
+    if folder is None or not (_PNG_RE.match(name) or _DCM_RE.match(name)):
         return None
     path = folder / name
     return path if path.is_file() else None
+
+
+def secondary_capture_png(path: Path) -> bytes | None:
+    """A Secondary Capture's pixels as PNG bytes (RGB or 8-bit grey), or ``None`` when not renderable."""
+    try:
+        import io
+
+        import numpy as np
+        import pydicom
+        from PIL import Image
+
+        ds = pydicom.dcmread(path)
+        if not str(getattr(ds, "SOPClassUID", "")).startswith(_SC_PREFIX):
+            return None
+        arr = ds.pixel_array
+        if arr.ndim == 4 or (arr.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1):
+            arr = arr[0]
+        if arr.dtype != np.uint8:
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = ((arr - lo) / (hi - lo or 1.0) * 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        return buf.getvalue()
+    except Exception:  # a broken file is "not found", never a crash
+        log.warning("cannot render an output image as PNG", exc_info=True)
+        return None
 
 
 def export_destinations(session: Session, job_ids: list[int]) -> dict[int, str]:
@@ -403,6 +459,9 @@ def export_destinations(session: Session, job_ids: list[int]) -> dict[int, str]:
     out: dict[int, str] = {}
     for job_id, payload in session.execute(select(Job.id, Job.payload).where(Job.id.in_(job_ids))):
         data = _json(payload, {})
+        if data.get("type") == "webhook":
+            out[job_id] = "webhook"
+            continue
         dest = data.get("destination") or data.get("destination_name") or data.get("name") or data.get("ae_title")
         if isinstance(dest, dict):
             dest = dest.get("name") or dest.get("ae_title")
@@ -427,13 +486,13 @@ def study_page(session: Session, cfg: NodeConfig, study_id: int) -> StudyPage | 
     data: dict[str, Any] = _json(result.result_json, {}) if result is not None else {}
     labels_stored: dict[str, Any] = _json(result.labels, {}) if result is not None else {}
     probs: dict[str, Any] = _json(result.probabilities, {}) if result is not None else {}
-    label_values = {**(data.get("labels") if isinstance(data.get("labels"), dict) else {}), **labels_stored}
-    prob_values = {**(data.get("probabilities") if isinstance(data.get("probabilities"), dict) else {}), **probs}
+    label_values: dict[str, Any] = {**_dict(data.get("labels")), **labels_stored}
+    prob_values: dict[str, Any] = {**_dict(data.get("probabilities")), **probs}
     window_probs = [w for w in (_num(x) for x in data.get("window_probabilities") or []) if w is not None]
     if WINDOW_LABEL not in prob_values and window_probs:
         prob_values[WINDOW_LABEL] = max(window_probs)
-    thresholds = data.get("thresholds") if isinstance(data.get("thresholds"), dict) else {}
-    attention = data.get("attention") if isinstance(data.get("attention"), dict) else {}
+    thresholds = _dict(data.get("thresholds"))
+    attention = _dict(data.get("attention"))
     changed = set()
     consistency = data.get("consistency")
     if isinstance(consistency, dict) and isinstance(consistency.get("changed"), list):

@@ -160,6 +160,13 @@ def test_sign_in_worklist_study_and_rule_change(served: tuple[str, NodeConfig, w
             expect(entry).to_contain_text("in force")
             entry.locator("summary").click()
             expect(entry.locator("pre.diff")).to_contain_text('+priority = "STAT"')
+            page.screenshot(path=str(ARTIFACTS / "rules-history.png"), full_page=True)
+
+            # operations: workers, associations, audit log of this session's change
+            page.get_by_role("link", name="Operations").click()
+            expect(page.locator("main")).to_contain_text("worker@gpu0")
+            expect(page.locator("main")).to_contain_text("rules-activate")
+            page.screenshot(path=str(ARTIFACTS / "ops.png"), full_page=True)
         finally:
             context.close()
     assert problems == []

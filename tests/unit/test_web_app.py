@@ -394,3 +394,45 @@ def test_result_json_with_odd_values_still_renders(console: Console) -> None:
     assert console.client.get(f"/study/{console.ids.stat_id}").status_code == 200
     assert console.client.get("/").status_code == 200
     assert console.client.get("/metrics").status_code == 200
+
+
+def test_password_guessing_locks_the_name(console: Console) -> None:
+    c = console.client
+    r = c.get("/signin")
+    for _ in range(10):
+        token = CSRF_RE.search(r.text).group(1)  # type: ignore[union-attr]
+        r = c.post("/signin", data={"username": "victor", "password": "guess guess", "csrf_token": token})
+        assert r.status_code == 401
+    token = CSRF_RE.search(r.text).group(1)  # type: ignore[union-attr]
+    r = c.post("/signin", data={"username": "victor", "password": web_seed.VIEWER[1], "csrf_token": token})
+    assert r.status_code == 401  # even the right password, for 15 minutes
+    console.sign_in(web_seed.ADMIN)  # other names are not affected
+
+
+def test_worker_dicom_secondary_captures_are_shown_as_png(console: Console) -> None:
+    """Without PNGs, the study page shows the worker's DICOM Secondary Captures, converted."""
+    import numpy as np
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder = console.cfg.node.var_dir / "outputs" / console.ids.stat_series_uid
+    for p in folder.iterdir():
+        p.unlink()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("sc.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 16, 16, 3, "RGB"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.PlanarConfiguration = 8, 8, 7, 0, 0
+    ds.PixelData = np.full((16, 16, 3), 200, dtype=np.uint8).tobytes()
+    ds.save_as(folder / "sc_summary.dcm", enforce_file_format=True)
+    (folder / "notes.dcm").write_bytes(b"not dicom")
+    console.sign_in(web_seed.VIEWER)
+    html = console.client.get(f"/study/{console.ids.stat_id}").text
+    assert f'/study/{console.ids.stat_id}/image/sc_summary.dcm"' in html and "notes.dcm" not in html
+    r = console.client.get(f"/study/{console.ids.stat_id}/image/sc_summary.dcm")
+    assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+    assert console.client.get(f"/study/{console.ids.stat_id}/image/notes.dcm").status_code == 404
