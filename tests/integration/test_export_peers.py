@@ -172,6 +172,7 @@ def test_tls_destination_with_client_certificate(files_for_tls: list[Path], tmp_
     ae.supported_contexts = AllStoragePresentationContexts
     port = peers.free_port()
     server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=server_ctx, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert server is not None
     try:
         peers.wait_for_port(port)
         dest = DestinationSection(
