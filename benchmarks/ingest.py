@@ -10,7 +10,9 @@ process(es) to the last exit (association set-up included). Every storescu
 must succeed. dcmtk/Orthanc run with TCP_NODELAY=1. storescp writes without
 fsync; Orthanc uses its defaults; the node keeps its durability guarantee
 (fsync of file and directory + committed SQLite row, synchronous=FULL, before
-each 0x0000). With --repeat N the best of N runs is reported per mode.
+each 0x0000). With --repeat N the best of N runs is reported per mode. Each run also reports
+the CPU time the receiver's process tree used per image (user+system, /proc),
+which stays meaningful when other work shares the CPUs (wall-clock rates do not).
 The last line is one JSON object with all figures.
 """
 
@@ -45,6 +47,34 @@ def make_series(out: Path, slices: int, size: int) -> list[Path]:
     vol = np.where(r < size * 0.45, 40.0, -1000.0) + rng.normal(0, 20, (slices, size, size))
     del z
     return write_ct_series(vol.astype(np.float32), out, slice_spacing=1.0)
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _tree_cpu_s(root_pid: int) -> float:
+    """User+system CPU seconds of a process and its live descendants (from /proc)."""
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry)
+        parents[pid] = int(fields[1])
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / _TICK
+    total = 0.0
+    for pid in cpu:
+        p = pid
+        while p and p != root_pid:
+            p = parents.get(p, 0)
+        if p == root_pid:
+            total += cpu[pid]
+    return total
 
 
 def send_one(port: int, files: list[Path], called: str) -> float:
@@ -82,19 +112,33 @@ def measure(
 ) -> dict[str, float]:
     one: list[float] = []
     four: list[float] = []
+    cpu_one: list[float] = []
+    cpu_four: list[float] = []
     for r in range(repeat):
         for mode in ("one", "four"):
             d = work / f"{name}-{mode}-{r}"
             port = peers.free_port()
             handle = start(d, port)
             try:
+                cpu0 = _tree_cpu_s(handle.pid)
                 t = send_one(port, files, called) if mode == "one" else send_parallel(port, files, called)
+                cpu_ms = (_tree_cpu_s(handle.pid) - cpu0) * 1000 / len(files)
             finally:
                 stop(handle)
                 shutil.rmtree(d, ignore_errors=True)
             (one if mode == "one" else four).append(len(files) / t)
-            print(f"  {name:9s} {mode:4s} run {r + 1}: {len(files) / t:7.1f} images/s ({t:.2f} s)", flush=True)
-    return {"one_association": round(max(one), 1), "four_associations": round(max(four), 1)}
+            (cpu_one if mode == "one" else cpu_four).append(cpu_ms)
+            print(
+                f"  {name:9s} {mode:4s} run {r + 1}: {len(files) / t:7.1f} images/s ({t:.2f} s), "
+                f"receiver CPU {cpu_ms:.2f} ms/image",
+                flush=True,
+            )
+    return {
+        "one_association": round(max(one), 1),
+        "four_associations": round(max(four), 1),
+        "cpu_ms_per_image_one": round(min(cpu_one), 2),
+        "cpu_ms_per_image_four": round(min(cpu_four), 2),
+    }
 
 
 def main() -> int:
@@ -107,6 +151,7 @@ def main() -> int:
     args = ap.parse_args()
     only = set(args.only or ["storescp", "orthanc", "node"])
 
+    load_at_start = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-", dir=os.environ.get("BENCH_TMP")))
     try:
         print(f"generating {args.slices} x {args.size}x{args.size} CT slices ...", flush=True)
@@ -158,6 +203,7 @@ def main() -> int:
             "node_durability": "fsync file + dir, committed SQLite row (WAL, synchronous=FULL) before 0x0000",
             "parallel": "4 storescu, each a quarter of the series",
             "cpus": os.cpu_count(),
+            "load_average_at_start": round(load_at_start, 2),
             "python": platform.python_version(),
             "images_per_s": results,
         }
