@@ -410,6 +410,11 @@ async def rules_page(request: Request) -> Response:
     return _render(request, "rules.html", ctx)
 
 
+def _rules_text(form: FormData) -> str:
+    """The editor's text with the browser's CRLF line breaks (HTML form encoding) back to LF."""
+    return _field(form, "toml_text", MAX_RULES_TEXT).replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _parse_last_n(form: FormData) -> int:
     try:
         return max(1, min(int(_field(form, "last_n", 10) or "100"), 5000))
@@ -420,7 +425,7 @@ def _parse_last_n(form: FormData) -> int:
 @signed_in()
 async def rules_preview(request: Request) -> Response:
     form = _form(request)
-    toml_text = _field(form, "toml_text", MAX_RULES_TEXT)
+    toml_text = _rules_text(form)
     last_n = _parse_last_n(form)
     comment = _field(form, "comment", 2000)
 
@@ -446,7 +451,7 @@ async def rules_preview(request: Request) -> Response:
 @signed_in(admin=True)
 async def rules_save(request: Request) -> Response:
     form = _form(request)
-    toml_text = _field(form, "toml_text", MAX_RULES_TEXT)
+    toml_text = _rules_text(form)
     comment = _field(form, "comment", 2000).strip()
     last_n = _parse_last_n(form)
     user = _user(request)

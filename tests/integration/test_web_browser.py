@@ -160,6 +160,7 @@ def test_sign_in_worklist_study_and_rule_change(served: tuple[str, NodeConfig, w
             expect(entry).to_contain_text("in force")
             entry.locator("summary").click()
             expect(entry.locator("pre.diff")).to_contain_text('+priority = "STAT"')
+            expect(entry.locator("pre.diff .add")).to_have_count(2)  # "+++ rule set 1" and the one edited line
             page.screenshot(path=str(ARTIFACTS / "rules-history.png"), full_page=True)
 
             # operations: workers, associations, audit log of this session's change

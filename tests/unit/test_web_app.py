@@ -305,12 +305,14 @@ def test_bad_rules_show_the_error_in_place_and_change_nothing(console: Console) 
 def test_admin_saves_sees_history_and_rolls_back(console: Console) -> None:
     console.sign_in(web_seed.ADMIN)
     token = console.csrf("/rules")
-    r = console.client.post("/rules/save", data={"csrf_token": token, "toml_text": _escalated_rules(),
+    crlf = _escalated_rules().replace("\n", "\r\n")  # what a browser's textarea submits
+    r = console.client.post("/rules/save", data={"csrf_token": token, "toml_text": crlf,
                                                  "comment": "escalate every PE"}, follow_redirects=False)
     assert r.status_code == 303
     with Session(console.engine) as s:
         row = active_record(s)
         assert row is not None and row.author == "alice" and row.comment == "escalate every PE"
+        assert row.toml_text == _escalated_rules()  # line breaks normalised: the diff shows only the edit
         first_id = row.id
     page = console.client.get(r.headers["location"])
     assert f"Rule set {first_id} is now in force." in page.text
