@@ -1,0 +1,119 @@
+"""The receiver's pieces without a network: UID validation, attribute indexing, the spool, File Meta."""
+
+from __future__ import annotations
+
+import io
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.filereader import _read_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from pe_triage_node.dicom.index import read_indexed_attributes
+from pe_triage_node.dicom.receiver import file_meta_bytes
+from pe_triage_node.dicom.spool import Spool
+from pe_triage_node.dicom.uids import is_valid_uid, validate_uid
+from pe_triage_node.errors import InputRejected, SpoolFull
+from pe_triage_node.synth.ct_series import write_ct_series
+
+
+@pytest.mark.parametrize(
+    "uid,ok",
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", True),
+        ("0.1", True),
+        ("1.2.0.3", True),
+        ("1." + "2" * 62, True),  # 64 characters
+        ("1." + "2" * 63, False),  # 65
+        ("1.02.3", False),  # leading zero
+        ("1..2", False),
+        (".1.2", False),
+        ("1.2.", False),
+        ("1.2.3\n", False),
+        ("1.2.a", False),
+        ("../../etc", False),
+        ("1/2", False),
+        ("", False),
+    ],
+)
+def test_uid_check_is_strict(uid: str, ok: bool) -> None:
+    assert is_valid_uid(uid) is ok
+    if not ok:
+        with pytest.raises(InputRejected):
+            validate_uid(uid, "UID")
+
+
+def _encoded(tmp_path: Path, ts: str = ExplicitVRLittleEndian) -> tuple[bytes, bytes, pydicom.Dataset]:
+    vol = np.random.default_rng(5).normal(0, 50, (1, 32, 32)).astype(np.float32)
+    (path,) = write_ct_series(vol, tmp_path / ts, transfer_syntax=ts)
+    raw = path.read_bytes()
+    fp = io.BytesIO(raw)
+    fp.seek(132)
+    _read_file_meta_info(fp)
+    return raw[: fp.tell()], raw[fp.tell() :], pydicom.dcmread(path)
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_index_reads_the_indexed_attributes(tmp_path: Path, ts: str) -> None:
+    _meta, body, ds = _encoded(tmp_path, ts)
+    a = read_indexed_attributes(body, ts)
+    assert (a.sop_instance_uid, a.series_instance_uid, a.study_instance_uid) == (
+        ds.SOPInstanceUID,
+        ds.SeriesInstanceUID,
+        ds.StudyInstanceUID,
+    )
+    assert a.modality == "CT" and a.instance_number == 1 and a.slice_thickness == 1.0
+    assert a.image_type == "ORIGINAL\\PRIMARY\\AXIAL"
+    assert a.patient_name == "Phantom^CTPA"
+
+
+def test_index_reads_deflated_datasets(tmp_path: Path) -> None:
+    _meta, body, ds = _encoded(tmp_path)
+    deflater = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = deflater.compress(body) + deflater.flush()
+    assert read_indexed_attributes(deflated, DeflatedExplicitVRLittleEndian).sop_instance_uid == ds.SOPInstanceUID
+    with pytest.raises(InputRejected, match="truncated|inflated"):
+        read_indexed_attributes(deflated[: len(deflated) // 2], DeflatedExplicitVRLittleEndian)
+
+
+def test_index_refuses_truncated_and_garbage(tmp_path: Path) -> None:
+    _meta, body, _ds = _encoded(tmp_path)
+    for cut in (len(body) - 1, len(body) // 2, 200, 3):
+        with pytest.raises(InputRejected):
+            read_indexed_attributes(body[:cut], ExplicitVRLittleEndian)
+    with pytest.raises(InputRejected):
+        read_indexed_attributes(os.urandom(4096), ExplicitVRLittleEndian)
+    with pytest.raises(InputRejected):
+        read_indexed_attributes(b"\x00" * 4096, ImplicitVRLittleEndian)
+
+
+def test_file_meta_bytes_make_a_valid_part10_file(tmp_path: Path) -> None:
+    meta, body, ds = _encoded(tmp_path)
+    head = file_meta_bytes(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian, "SCANNER")
+    out = tmp_path / "x.dcm"
+    out.write_bytes(head + body)
+    back = pydicom.dcmread(out)
+    assert back.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert back.file_meta.SourceApplicationEntityTitle == "SCANNER"
+    assert back.PixelData == ds.PixelData
+
+
+def test_spool_write_is_atomic_and_respects_the_floor(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", min_free_mb=0)
+    rel = Spool.relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    assert rel == "1.2.3/1.2.3.4/1.2.3.4.5.dcm"
+    assert spool.write(rel, (b"abc", b"def")) == 6
+    assert (tmp_path / "spool" / rel).read_bytes() == b"abcdef"
+    assert [p.name for p in (tmp_path / "spool" / "1.2.3" / "1.2.3.4").iterdir()] == ["1.2.3.4.5.dcm"]
+    with pytest.raises(InputRejected):
+        Spool.relative_path("1.2.3", "../x", "1.2")
+    full = Spool(tmp_path / "spool", min_free_mb=10**9)
+    with pytest.raises(SpoolFull):
+        full.write(Spool.relative_path("1.2.3", "1.2.3.4", "1.2.3.4.6"), (b"x",))
+    assert not (tmp_path / "spool" / "1.2.3" / "1.2.3.4" / "1.2.3.4.6.dcm").exists()
+    (tmp_path / "spool" / "1.2.3" / ".tmp-1-2-3").write_bytes(b"half")
+    assert spool.sweep_temporaries() == 1
