@@ -62,6 +62,7 @@ class CTVolume:
 @dataclass
 class _SliceHeader:
     path: Path
+    dataset: pydicom.Dataset  # read once, pixel data decoded after sorting
     orientation: np.ndarray
     position: np.ndarray
     sop_uid: str
@@ -83,7 +84,7 @@ def _float_list(ds: pydicom.Dataset, keyword: str, n: int, what: str) -> np.ndar
 
 def _read_header(path: Path) -> _SliceHeader | None:
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, EOFError):
         log.debug("skipping non-DICOM file %s", path.name)
         return None
@@ -103,6 +104,7 @@ def _read_header(path: Path) -> _SliceHeader | None:
     inst = ds.get("InstanceNumber")
     return _SliceHeader(
         path=path,
+        dataset=ds,
         orientation=_float_list(ds, "ImageOrientationPatient", 6, "ImageOrientationPatient"),
         position=_float_list(ds, "ImagePositionPatient", 3, "ImagePositionPatient"),
         sop_uid=str(ds.get("SOPInstanceUID", "")),
@@ -180,7 +182,7 @@ def load_ct_volume(
     thickness: float | None = None
     series_uid = study_uid = ""
     for i, h in enumerate(headers):
-        ds = pydicom.dcmread(h.path)
+        ds = h.dataset
         if i == 0:
             series_uid = str(ds.get("SeriesInstanceUID", ""))
             study_uid = str(ds.get("StudyInstanceUID", ""))
@@ -192,6 +194,7 @@ def load_ct_volume(
             pixels = ds.pixel_array
         except Exception as exc:  # decoder errors come in many types
             raise VolumeRejected(f"pixel data cannot be decoded ({type(exc).__name__})") from exc
+        del ds.PixelData  # free the encoded bytes as we go
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         hu[i] = pixels.astype(np.float32) * slope + intercept
