@@ -157,6 +157,7 @@ class _AssociationStart:
     called_ae: str
     peer_address: str
     started_at: dt.datetime
+    receiver_pid: int = field(default_factory=os.getpid)  # the receiving process, not the committer's
 
 
 @dataclass(slots=True)
@@ -337,7 +338,7 @@ class IndexCommitter(threading.Thread):
                             "calling_ae": rec.calling_ae,
                             "called_ae": rec.called_ae,
                             "peer_address": rec.peer_address,
-                            "receiver_pid": os.getpid(),
+                            "receiver_pid": rec.receiver_pid,
                             "started_at": self._at(rec.started_at),
                         },
                     )

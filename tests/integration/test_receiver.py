@@ -201,6 +201,7 @@ def test_four_parallel_storescu_two_processes(start_node: Any, tmp_path: Path) -
     assoc = node.rows("SELECT outcome, instances_stored, receiver_pid FROM associations")
     assert sorted(a.instances_stored for a in assoc) == [12, 12, 12, 12]
     assert {a.outcome for a in assoc} == {"released"}
+    assert node.proc.pid not in {a.receiver_pid for a in assoc}  # received by the forked processes
     assert len(node.spooled_files()) == 48
 
 
