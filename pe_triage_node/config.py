@@ -235,6 +235,20 @@ class ExportSection(_Section):
         return self
 
 
+class WorkerSection(_Section):
+    """The inference worker (``pe-triage worker``) and the processes ``pe-triage run`` starts."""
+
+    # Worker processes `pe-triage run` starts on this machine (each loads the model once).
+    processes: int = Field(1, ge=1, le=64)
+    # Retry delay after failed attempt n of an inference job: base * 2^(n-1), at most cap.
+    backoff_base_s: float = Field(10.0, gt=0)
+    backoff_cap_s: float = Field(600.0, gt=0)
+    # Write PNG copies of the Secondary Captures for the web console's study page.
+    write_pngs: bool = True
+    # Start the web console with `pe-triage run`.
+    run_web: bool = True
+
+
 class NodeConfig(BaseSettings):
     """The effective configuration of one node process."""
 
@@ -252,6 +266,7 @@ class NodeConfig(BaseSettings):
     queue: QueueSection = Field(default_factory=QueueSection)
     web: WebSection = Field(default_factory=WebSection)
     export: ExportSection = Field(default_factory=ExportSection)
+    worker: WorkerSection = Field(default_factory=WorkerSection)
 
     @classmethod
     def settings_customise_sources(

@@ -1,4 +1,4 @@
-"""Sub-commands that start the node's processes: ``run``, ``receiver``, ``db``."""
+"""Sub-commands that start the node's processes: ``run``, ``receiver``, ``worker``, ``exporter``, ``demo``, ``db``."""
 
 from __future__ import annotations
 
@@ -34,21 +34,50 @@ def _receiver(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """Everything on one machine: receiver + assembly (and the later rooms as they land)."""
-    from pe_triage_node.services.receiver_main import run_receiver_service
+    """Everything on one machine: receiver, worker(s), exporter (and the web console), one process each."""
+    from pe_triage_node.services.node import NodeSupervisor
 
     cfg = config_from_args(args)
     configure_logging(cfg, "node")
     prepare_state(cfg)
     log.info(
-        "pe-triage-node starting: AE %s on %s:%d, state under %s (NOT FOR DIAGNOSTIC USE)",
+        "pe-triage-node starting: AE %s on %s:%d, %d worker(s), %d destination(s), state under %s "
+        "(NOT FOR DIAGNOSTIC USE)",
         cfg.receiver.ae_title,
         cfg.receiver.host,
         cfg.receiver.port,
+        cfg.worker.processes,
+        len(cfg.export.destinations),
         cfg.node.var_dir,
     )
-    run_receiver_service(cfg)
-    return 0
+    supervisor = NodeSupervisor(
+        cfg, args.config, random_weights=args.random_weights, web=False if args.no_web else None
+    )
+    return supervisor.run()
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """One inference worker (the model is loaded once; GPU chosen by CUDA_VISIBLE_DEVICES / inference.device)."""
+    from pe_triage_node.worker import run_worker_service
+
+    cfg = config_from_args(args)
+    configure_logging(cfg, "worker")
+    return run_worker_service(cfg, random_weights=args.random_weights)
+
+
+def _exporter(args: argparse.Namespace) -> int:
+    """The exporter: C-STORE of the results to every destination, retries, webhook."""
+    from pe_triage_node.services.node import run_exporter_service
+
+    cfg = config_from_args(args)
+    configure_logging(cfg, "exporter")
+    return run_exporter_service(cfg)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pe_triage_node.services.demo import run_demo
+
+    return run_demo(args)
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
@@ -70,13 +99,40 @@ def _db_current(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("run", help="start the whole node on this machine")
+    p = sub.add_parser("run", help="start the whole node on this machine (receiver, worker, exporter, web)")
     add_config_option(p)
+    p.add_argument("--no-web", action="store_true", help="do not start the web console")
+    p.add_argument("--random-weights", action="store_true",
+                   help="workers use random weights: MEANINGLESS results (smoke tests without a model)")
     p.set_defaults(handler=_run)
 
     p = sub.add_parser("receiver", help="start the DICOM listener (with series assembly) alone")
     add_config_option(p)
     p.set_defaults(handler=_receiver)
+
+    p = sub.add_parser("worker", help="start one inference worker (claims inference jobs)")
+    add_config_option(p)
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights: MEANINGLESS results (smoke tests without a model)")
+    p.set_defaults(handler=_worker)
+
+    p = sub.add_parser("exporter", help="start the exporter (sends results to the destinations)")
+    add_config_option(p)
+    p.set_defaults(handler=_exporter)
+
+    from pe_triage_node.services.demo import add_demo_arguments
+
+    p = sub.add_parser(
+        "demo",
+        help="send a phantom CTPA (central PE) to a node and print the result that comes back",
+        description="Generate a phantom CTPA with a central PE, send it to the node, wait for the SR "
+        "to come back to a local C-STORE receiver and print the findings, the priority and the time. "
+        "Without --node a node is started for the demo (temporary state, this receiver as its "
+        "destination). With --node the node must list this receiver (--listen-ae, --listen-port, "
+        "this machine's address) in [[export.destinations]].",
+    )
+    add_demo_arguments(p)
+    p.set_defaults(handler=_demo)
 
     db = sub.add_parser("db", help="database schema")
     dbsub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")

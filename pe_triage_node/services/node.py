@@ -1,0 +1,239 @@
+"""The node's processes and their supervisor for ``pe-triage run``.
+
+Each role runs in its own operating-system process (the receiver never imports
+torch; a worker's model stays out of the others' memory)::
+
+    python -m pe_triage_node.services.node receiver|worker|exporter|web [--config FILE]
+
+``pe-triage run`` (:class:`NodeSupervisor`) starts one receiver, ``worker.processes``
+workers, one exporter and, when the web console is installed and
+``worker.run_web`` is true, the web console; restarts a child that dies (with a
+growing delay); on SIGTERM/SIGINT sends SIGTERM to every child, waits for them
+(a worker finishes its current job), and kills what is left after the grace
+period. A worker that exits with :data:`~pe_triage_node.worker.inference_worker.EXIT_NO_WEIGHTS`
+(no model weights) or a child with a configuration error (exit 2) is not restarted.
+
+Under systemd each role has its own unit instead (``systemd/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from pe_triage_node.config import NodeConfig, load_config
+from pe_triage_node.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ROLES = ("receiver", "worker", "exporter", "web")
+#: Seconds the supervisor waits for its children after SIGTERM before killing them.
+STOP_GRACE_S = {"receiver": 30.0, "worker": 120.0, "exporter": 60.0, "web": 10.0}
+_NO_RESTART = {2, 3}  # configuration error, no model weights
+
+
+def web_available() -> bool:
+    """The web console's module is installed (it is optional in ``pe-triage run``)."""
+    try:
+        return importlib.util.find_spec("pe_triage_node.web.app") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _stop_event() -> threading.Event:
+    stop = threading.Event()
+
+    def _handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
+    return stop
+
+
+# -- the roles ---------------------------------------------------------------------
+
+
+def run_exporter_service(cfg: NodeConfig) -> int:
+    """The ``pe-triage exporter`` process: export jobs until SIGTERM/SIGINT."""
+    from pe_triage_node.db.session import make_engine
+    from pe_triage_node.export.exporter import Exporter
+
+    stop = _stop_event()
+    engine = make_engine(cfg.database_url, echo=cfg.database.echo)
+    try:
+        Exporter(engine, cfg).run_forever(stop)
+    finally:
+        engine.dispose()
+    return 0
+
+
+def run_web_service(cfg: NodeConfig) -> int:
+    """The web console (uvicorn stops on SIGTERM/SIGINT by itself)."""
+    import uvicorn
+
+    from pe_triage_node.web.app import create_app
+
+    log.info("web console on http://%s:%d (NOT FOR DIAGNOSTIC USE)", cfg.web.host, cfg.web.port)
+    uvicorn.run(create_app(cfg), host=cfg.web.host, port=cfg.web.port, log_level="warning",
+                access_log=False, proxy_headers=False, server_header=False)
+    return 0
+
+
+def run_role(role: str, cfg: NodeConfig, *, random_weights: bool = False) -> int:
+    """Run one role in this process until it is told to stop; returns the exit code."""
+    if role == "receiver":
+        from pe_triage_node.services.receiver_main import run_receiver_service
+
+        run_receiver_service(cfg)
+        return 0
+    if role == "worker":
+        from pe_triage_node.worker import run_worker_service
+
+        return run_worker_service(cfg, random_weights=random_weights)
+    if role == "exporter":
+        return run_exporter_service(cfg)
+    if role == "web":
+        return run_web_service(cfg)
+    raise ValueError(f"unknown role {role!r}")
+
+
+# -- the supervisor ---------------------------------------------------------------
+
+
+@dataclass
+class _Child:
+    role: str
+    command: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    restarts: int = 0
+    next_start: float = 0.0
+    given_up: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def child_command(role: str, config: Path | None, *, random_weights: bool = False) -> list[str]:
+    """The command line of one child process."""
+    cmd = [sys.executable, "-m", "pe_triage_node.services.node", role]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    if random_weights and role == "worker":
+        cmd.append("--random-weights")
+    return cmd
+
+
+class NodeSupervisor:
+    """Starts the node's processes, restarts the ones that die, stops them all on a signal."""
+
+    def __init__(
+        self, cfg: NodeConfig, config: Path | None, *, random_weights: bool = False, web: bool | None = None
+    ) -> None:
+        with_web = cfg.worker.run_web if web is None else web
+        if with_web and not web_available():
+            log.info("web console not installed: not started")
+            with_web = False
+        roles = ["receiver", *(["worker"] * cfg.worker.processes), "exporter", *(["web"] if with_web else [])]
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        if cfg.worker.processes > 1 and "OMP_NUM_THREADS" not in env:
+            # Share the cores between the workers instead of oversubscribing them.
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.worker.processes))
+        self.children = [
+            _Child(role, child_command(role, config, random_weights=random_weights), env=env) for role in roles
+        ]
+        self.stop = threading.Event()
+
+    def _start(self, child: _Child) -> None:
+        child.proc = subprocess.Popen(child.command, env=child.env)
+        child.started = time.monotonic()
+        log.info("started %s (pid %d)", child.role, child.proc.pid)
+
+    def _check(self, child: _Child) -> None:
+        if child.given_up:
+            return
+        now = time.monotonic()
+        if child.proc is None:
+            if now >= child.next_start:
+                self._start(child)
+            return
+        code = child.proc.poll()
+        if code is None:
+            return
+        child.proc = None
+        if code in _NO_RESTART:
+            child.given_up = True
+            log.critical("%s exited with code %d (configuration or model weights): not restarted; "
+                         "the other processes keep running", child.role, code)
+            return
+        if now - child.started > 60:
+            child.restarts = 0  # it ran a while: start the back-off afresh
+        delay = min(30.0, 2.0 ** child.restarts)
+        child.restarts += 1
+        child.next_start = now + delay
+        log.error("%s exited with code %d; restarting in %.0f s", child.role, code, delay)
+
+    def run(self) -> int:
+        """Start everything and supervise until SIGTERM/SIGINT; returns 0 after a clean stop."""
+        stop = _stop_event()
+        for child in self.children:
+            self._start(child)
+        try:
+            while not stop.wait(0.5) and not self.stop.is_set():
+                for child in self.children:
+                    self._check(child)
+        finally:
+            self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        """SIGTERM to every child, wait per role's grace period, SIGKILL what is left."""
+        running = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for child in running:
+            if child.proc is not None:
+                child.proc.send_signal(signal.SIGTERM)
+        for child in running:
+            proc = child.proc
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=STOP_GRACE_S.get(child.role, 30.0))
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) did not stop in time: killed", child.role, proc.pid)
+                proc.kill()
+                proc.wait(timeout=10)
+        log.info("node stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pe_triage_node.services.node ROLE [--config FILE]``: one of the node's processes."""
+    parser = argparse.ArgumentParser(prog="pe-triage-node-process")
+    parser.add_argument("role", choices=ROLES)
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--random-weights", action="store_true", help="worker: meaningless random weights (tests)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"pe-triage {args.role}: {exc}", file=sys.stderr)
+        return 2
+    from pe_triage_node.services.logs import configure_logging
+
+    configure_logging(cfg, args.role)
+    return run_role(args.role, cfg, random_weights=args.random_weights)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
