@@ -113,6 +113,24 @@ def phase1_layout_probe(engine: InferenceEngine, batch: int) -> dict[str, float]
     return out
 
 
+def _memory_only(series: Path, device: torch.device, precision: str, batch_size: int) -> int:
+    from pe_triage_node.inference.preprocess import prepare_study
+    from pe_triage_node.inference.volume import load_ct_volume
+
+    engine = InferenceEngine(random_model(0), device=str(device), precision=precision, batch_size=batch_size, lung_crop="threshold")  # type: ignore[arg-type]
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    vol = load_ct_volume(series)
+    prepared = prepare_study(vol, device=engine.device, input_size=engine.input_size)
+    with torch.inference_mode():
+        for start in (0, batch_size):
+            x = prepared.window_batch(start, min(prepared.n_windows, start + batch_size), channels_last=engine.channels_last)
+            engine.window_encoder(x.to(engine.input_dtype))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{vol.shape[0]} slices, {prepared.n_windows} windows: peak RSS {peak:.0f} MB (engine loaded: {rss0:.0f} MB)")
+    print(json.dumps({"benchmark": "inference-memory", "slices": vol.shape[0], "windows": prepared.n_windows, "peak_rss_mb": round(peak), "engine_rss_mb": round(rss0), "precision": engine.precision}))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slices", type=int, default=300)
@@ -122,6 +140,11 @@ def main() -> int:
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="peak memory of load + preprocess + two phase-1 batches only (phase-1 memory does not grow with the study), no timing figures",
+    )
     ap.add_argument("--layout-probe", action="store_true", help="also time phase 1 channels-first vs channels-last (costs ~2 x batch windows)")
     args = ap.parse_args()
 
@@ -139,6 +162,8 @@ def main() -> int:
             raise SystemExit(f"writing the phantom study failed (exit {writer.exitcode})")
         print(f"wrote {args.slices} slices {args.size}x{args.size} in {time.perf_counter() - t:.1f} s", flush=True)
 
+        if args.memory_only:
+            return _memory_only(Path(tmp) / "series", device, precision, args.batch_size)
         gflop = window_gflop()
         probe = {"fp32": conv3d_probe("fp32", device)}
         if precision == "bf16" or cpu_has_native_bf16() or device.type == "cuda":
