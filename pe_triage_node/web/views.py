@@ -218,6 +218,18 @@ def _latest_by(rows: list[Any], key: str) -> dict[str, Any]:
     return out
 
 
+def _studies_with_failed_export(session: Session, uids: set[str]) -> set[str]:
+    """Studies whose latest export to some destination is dead (a later delivery clears it)."""
+    jobs = [j for j in list_jobs(session, kind=JobKind.export, limit=5000) if j.study_instance_uid in uids]
+    if not any(j.state == JobState.dead for j in jobs):
+        return set()
+    dests = export_destinations(session, [j.id for j in jobs])
+    latest: dict[tuple[str, str], JobView] = {}
+    for j in jobs:  # newest first
+        latest.setdefault((j.study_instance_uid or "", dests.get(j.id, "")), j)
+    return {study for (study, _dest), j in latest.items() if j.state == JobState.dead}
+
+
 def worklist(session: Session, flt: WorklistFilter, limit: int = 500) -> list[WorklistRow]:
     """Analysed studies (a result, an inference job or a rejection), most urgent first, then arrival."""
     now = dt.datetime.now(dt.timezone.utc)
@@ -242,10 +254,7 @@ def worklist(session: Session, flt: WorklistFilter, limit: int = 500) -> list[Wo
         [j for j in list_jobs(session, kind=JobKind.infer, limit=max(1000, limit * 4)) if j.study_instance_uid in set(uids)],
         "study_instance_uid",
     )
-    export_dead = {
-        j.study_instance_uid
-        for j in list_jobs(session, kind=JobKind.export, states=[JobState.dead], limit=5000)
-    }
+    export_dead = _studies_with_failed_export(session, set(uids))
     rejected = set(session.scalars(
         select(Rejection.study_instance_uid).where(Rejection.study_instance_uid.in_(uids)).distinct()
     )) | set(session.scalars(

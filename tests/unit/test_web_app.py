@@ -438,3 +438,14 @@ def test_worker_dicom_secondary_captures_are_shown_as_png(console: Console) -> N
     r = console.client.get(f"/study/{console.ids.stat_id}/image/sc_summary.dcm")
     assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
     assert console.client.get(f"/study/{console.ids.stat_id}/image/notes.dcm").status_code == 404
+
+
+def test_later_delivery_clears_export_failed(console: Console) -> None:
+    with Session(console.engine) as s, s.begin():
+        dead = s.get(Job, console.ids.export_dead_job)
+        assert dead is not None
+        s.add(Job(kind=JobKind.export, state=JobState.succeeded, priority=100, study_instance_uid=dead.study_instance_uid,
+                  series_instance_uid=dead.series_instance_uid, payload=dead.payload, dedupe_key="export:PACS_MAIN:new"))
+    console.sign_in(web_seed.VIEWER)
+    assert _order(console.client.get("/?status=export+failed").text) == []
+    assert console.ids.stat_id in _order(console.client.get("/?status=done").text)
