@@ -900,7 +900,7 @@ class StorageSCP:
         if self.overlap_commit:
             return self._store_overlapped(st, attrs, rel, header, stream, record)
         try:
-            self.spool.write(rel, (header, stream))
+            self.spool.write(rel, (header, stream), space_checked=True)
         except (SpoolFull, OSError):
             log.warning("spool write failed for %s", attrs.sop_instance_uid, exc_info=True)
             return STATUS_OUT_OF_RESOURCES
@@ -933,7 +933,7 @@ class StorageSCP:
         fut = self.committer.submit(record)
         write_error: BaseException | None = None
         try:
-            self.spool.write(rel, (header, stream))
+            self.spool.write(rel, (header, stream), space_checked=True)
         except (SpoolFull, OSError) as exc:
             write_error = exc
         try:

@@ -62,14 +62,15 @@ class Spool:
             raise SpoolFull(f"spool free space below {self.min_free_bytes // (1024 * 1024)} MiB")
 
     # -- writing ------------------------------------------------------------
-    def write(self, relative: str, chunks: Sequence[bytes | memoryview]) -> int:
+    def write(self, relative: str, chunks: Sequence[bytes | memoryview], *, space_checked: bool = False) -> int:
         """Write ``chunks`` to ``relative`` atomically and durably; return the size.
 
         Raises :class:`SpoolFull` when below the floor or the disk is full (nothing
         is left behind), ``OSError`` for other I/O errors (nothing left behind).
         """
         size = sum(len(c) for c in chunks)
-        self.check_space(size)
+        if not space_checked:
+            self.check_space(size)
         final = os.path.join(self.root, relative)
         directory = os.path.dirname(final)
         self._ensure_dir(directory)
