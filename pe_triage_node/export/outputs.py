@@ -100,6 +100,7 @@ def save_atomically(ds: Dataset, path: Path) -> None:
             ds.save_as(fh, enforce_file_format=True)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are for inspection too
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -180,14 +180,22 @@ def _disclaimer_band(draw: ImageDraw.ImageDraw, canvas: Image.Image, result: Stu
 
 
 @dataclass(frozen=True)
-class SeriesVolume:
-    """The analysed series as HU, sorted along the slice normal (index 0 = lowest position)."""
+class CoronalSlab:
+    """A coronal slab through the middle of the analysed series, sorted along the slice normal.
 
-    hu: np.ndarray  # (slices, rows, cols), stored row/column order
+    ``hu`` is (slices, cols): per slice, the mean HU of the rows within ``slab_mm``
+    of the middle row (index 0 = lowest position). Only this slab is kept, not the
+    whole volume (a 300-slice 512 x 512 series would be 300 MB as float32).
+    """
+
+    hu: np.ndarray
     slice_spacing_mm: float
     pixel_spacing_mm: tuple[float, float]
-    flipped_y: bool
     flipped_x: bool
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.hu.shape[0])
 
 
 def sort_along_normal(datasets: Sequence[Dataset]) -> list[Dataset]:
@@ -199,34 +207,33 @@ def sort_along_normal(datasets: Sequence[Dataset]) -> list[Dataset]:
     return sorted(datasets, key=lambda ds: float(np.dot([float(v) for v in getattr(ds, "ImagePositionPatient", [0, 0, 0])], normal)))
 
 
-def series_volume(datasets: Sequence[Dataset]) -> SeriesVolume:
-    """Stack the source slices (with pixel data) into a HU volume."""
+def coronal_slab(datasets: Sequence[Dataset], slab_mm: float = 10.0) -> CoronalSlab:
+    """The mid-chest coronal slab of the series (datasets with pixel data)."""
     ordered = sort_along_normal(datasets)
     row_cos, col_cos = _orientation(ordered[0])
     normal = np.cross(row_cos, col_cos)
     pos = [float(np.dot([float(v) for v in getattr(ds, "ImagePositionPatient", [0, 0, 0])], normal)) for ds in ordered]
     spacing = float(np.median(np.diff(pos))) if len(pos) > 1 else float(getattr(ordered[0], "SliceThickness", 1.0) or 1.0)
     ps = [float(v) for v in getattr(ordered[0], "PixelSpacing", [1.0, 1.0])]
-    hu = np.stack([hu_image(ds) for ds in ordered])
-    return SeriesVolume(hu, abs(spacing) or 1.0, (ps[0], ps[1]), bool(col_cos[1] < 0), bool(row_cos[0] < 0))
+    rows = int(ordered[0].Rows)
+    half = max(1, round(slab_mm / 2 / ps[0]))
+    lo, hi = max(0, rows // 2 - half), rows // 2 + half + 1
+    hu = np.stack([hu_image(ds)[lo:hi].mean(axis=0) for ds in ordered])
+    return CoronalSlab(hu, abs(spacing) or 1.0, (ps[0], ps[1]), bool(row_cos[0] < 0))
 
 
-def coronal_thumbnail(vol: SeriesVolume, slab_mm: float = 10.0) -> np.ndarray:
-    """Coronal PE-window image through the middle of the chest (mean of a ``slab_mm`` slab), head up,
-    patient's right on the viewer's left, physical aspect kept. uint8 (height, width)."""
-    n, rows, cols = vol.hu.shape
-    half = max(1, round(slab_mm / 2 / vol.pixel_spacing_mm[0]))
-    mid = rows // 2
-    cor = vol.hu[:, max(0, mid - half): mid + half + 1, :].mean(axis=1)  # (slices, cols)
-    if vol.flipped_x:
-        cor = cor[:, ::-1]
+def coronal_thumbnail(slab: CoronalSlab) -> np.ndarray:
+    """Coronal PE-window image, head up, patient's right on the viewer's left, physical aspect kept.
+    uint8 (height, width)."""
+    cor = slab.hu[:, ::-1] if slab.flipped_x else slab.hu
     cor = cor[::-1]  # highest position (head, for an axial feet-to-head normal) on top
-    img = window_u8(cor)
-    height_mm, width_mm = n * vol.slice_spacing_mm, cols * vol.pixel_spacing_mm[1]
-    return np.asarray(Image.fromarray(img).resize((cols, max(1, round(cols * height_mm / width_mm))), Image.Resampling.BILINEAR))
+    n, cols = cor.shape
+    height_mm, width_mm = n * slab.slice_spacing_mm, cols * slab.pixel_spacing_mm[1]
+    img = Image.fromarray(window_u8(np.ascontiguousarray(cor)))
+    return np.asarray(img.resize((cols, max(1, round(cols * height_mm / width_mm))), Image.Resampling.BILINEAR))
 
 
-def render_summary(result: StudyResult, decision: PriorityDecision, vol: SeriesVolume) -> np.ndarray:
+def render_summary(result: StudyResult, decision: PriorityDecision, slab: CoronalSlab) -> np.ndarray:
     """RGB (768, 1024, 3) uint8: banner, findings table, coronal thumbnail with the per-slab strip."""
     W, H, banner = 1024, 768, 104
     canvas = Image.new("RGB", (W, H), (0, 0, 0))
@@ -240,13 +247,13 @@ def render_summary(result: StudyResult, decision: PriorityDecision, vol: SeriesV
     draw.text((16, 58), head[:60], fill=_WHITE, font=_font(30))
 
     # left: coronal thumbnail + strip, fitted into a 470 x 560 box
-    thumb = Image.fromarray(coronal_thumbnail(vol)).convert("RGB")
+    thumb = Image.fromarray(coronal_thumbnail(slab)).convert("RGB")
     box_w, box_h, x0, y0 = 420, 560, 16, banner + 48
     scale = min(box_w / thumb.width, box_h / thumb.height)
     thumb = thumb.resize((max(1, round(thumb.width * scale)), max(1, round(thumb.height * scale))), Image.Resampling.BILINEAR)
     canvas.paste(thumb, (x0, y0))
     draw.text((x0, y0 - 26), "Coronal (PE window), head up, R on left", fill=_GREY, font=_font(15))
-    _attention_strip(draw, result, vol.hu.shape[0], x0 + thumb.width + 6, y0, thumb.height)
+    _attention_strip(draw, result, slab.n_slices, x0 + thumb.width + 6, y0, thumb.height)
     legend = _font(15)
     draw.text((x0, y0 + thumb.height + 8), "Strip: AI P(PE) per 10 mm slab, blue 0 - red 1", fill=_GREY, font=legend)
     draw.text((x0, y0 + thumb.height + 28), "White arrows: slabs shown as Grad-CAM images", fill=_GREY, font=legend)
@@ -365,8 +372,7 @@ def build_summary_sc(
     result: StudyResult, decision: PriorityDecision, datasets: Sequence[Dataset], uids: identity.OutputUIDs
 ) -> hd.sc.SCImage:
     """The one-glance summary as an SC instance (``datasets``: the series, with pixel data)."""
-    vol = series_volume(datasets)
-    pixels = render_summary(result, decision, vol)
+    pixels = render_summary(result, decision, coronal_slab(datasets))
     return _sc(
         datasets[0],
         pixels,

@@ -190,3 +190,14 @@ def test_standalone_outputs_use_the_shipped_rules(result: StudyResult, series_di
     decision, paths = write_standalone_outputs(result, series_dir, tmp_path)
     assert decision.priority == Priority.STAT and decision.rule_name == "Central PE"  # shipped default rule 1
     assert pydicom.dcmread(paths[0]).SeriesDescription == "AI PE TRIAGE: STAT - central PE, RV/LV>=1"
+
+
+def test_image_library_lists_every_source_instance_once(written: list[Path], series_dir: Path) -> None:
+    sr = pydicom.dcmread(written[0])
+    library = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Image Library")
+    group = library.ContentSequence[0]
+    refs = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in group.ContentSequence if i.ValueType == "IMAGE"]
+    sources = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in series_dir.glob("*.dcm")]
+    assert sorted(refs) == sorted(sources) and len(set(refs)) == len(refs)
+    shared = {i.ConceptNameCodeSequence[0].CodeMeaning for i in group.ContentSequence if i.ValueType != "IMAGE"}
+    assert {"Modality", "Frame of Reference UID", "Pixel Data Rows", "Horizontal Pixel Spacing"} <= shared
