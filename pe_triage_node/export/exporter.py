@@ -139,8 +139,10 @@ def export_result(
     decision: PriorityDecision,
 ) -> tuple[list[Path], list[int]]:
     """Render and write the outputs under ``export.outputs_dir`` and queue their export (the worker's one call)."""
-    uids = identity.OutputUIDs(result.series_instance_uid, result.model_version, cfg.export.uid_prefix)
-    out_dir = cfg.resolve(cfg.export.outputs_dir) / uids.sr_series
+    from pe_triage_node.dicom.uids import validate_uid
+
+    # <outputs>/<source series UID>/, as the worker lays them out (a validated UID, never a raw value)
+    out_dir = cfg.resolve(cfg.export.outputs_dir) / validate_uid(result.series_instance_uid, "SeriesInstanceUID")
     paths = write_outputs(result, source, decision, out_dir, uid_prefix=cfg.export.uid_prefix)
     with Session(engine) as s, s.begin():
         ids = enqueue_exports(s, cfg.export, paths, result=result, decision=decision)

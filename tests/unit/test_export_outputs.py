@@ -216,8 +216,7 @@ def test_export_result_writes_under_outputs_dir_and_queues_per_destination(
     dests = [{"name": n, "ae_title": "PACS", "host": "127.0.0.1", "port": 104} for n in ("pacs", "archive")]
     cfg = NodeConfig(node={"var_dir": tmp_path}, export={"destinations": dests})
     paths, ids = export_result(engine, cfg, result, series_dir, es.decision())
-    uids = identity.OutputUIDs(result.series_instance_uid, result.model_version)
-    assert all(p.parent == tmp_path / "outputs" / uids.sr_series for p in paths)
+    assert all(p.parent == tmp_path / "outputs" / result.series_instance_uid for p in paths)
     assert len(ids) == 2
     with Session(engine) as s:
         job = get_job(s, ids[0])
