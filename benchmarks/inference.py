@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import platform
 import resource
 import sys
@@ -165,10 +166,9 @@ def main() -> int:
         if args.memory_only:
             return _memory_only(Path(tmp) / "series", device, precision, args.batch_size)
         gflop = window_gflop()
-        probe = {"fp32": conv3d_probe("fp32", device)}
-        if precision == "bf16" or cpu_has_native_bf16() or device.type == "cuda":
-            probe["bf16"] = conv3d_probe("bf16", device)
-        print(f"phase-1 window: {gflop:.1f} GFLOP (flop counter); conv3d probe GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in probe.items()), flush=True)
+        kinds = ["fp32"] + (["bf16"] if precision == "bf16" or cpu_has_native_bf16() or device.type == "cuda" else [])
+        probe_before = {k: conv3d_probe(k, device) for k in kinds}
+        print(f"phase-1 window: {gflop:.1f} GFLOP (flop counter); conv3d probe GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in probe_before.items()), flush=True)
 
         engine = InferenceEngine(
             random_model(0), device=str(device), precision=precision, batch_size=args.batch_size, lung_crop="threshold"  # type: ignore[arg-type]
@@ -178,7 +178,12 @@ def main() -> int:
         if layout:
             print("phase-1 s/window: " + ", ".join(f"{k} {v:.3f}" for k, v in layout.items()), flush=True)
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        load_before = os.getloadavg()[0]
         result = engine.analyse(Path(tmp) / "series")
+        load_after = os.getloadavg()[0]
+        # Probe again right after the study: on a shared machine the rate drifts; the bound uses the mean.
+        probe_after = {k: conv3d_probe(k, device) for k in kinds}
+        probe = {k: (probe_before[k] + probe_after[k]) / 2 for k in kinds}
 
     n_windows = len(result.windows)
     probe_rate = probe.get(precision, probe["fp32"])
@@ -205,6 +210,8 @@ def main() -> int:
         "timings_s": result.timings_s,
         "window_gflop": round(gflop, 1),
         "probe_gflops": {k: round(v, 1) for k, v in probe.items()},
+        "probe_gflops_before_after": {k: [round(probe_before[k], 1), round(probe_after[k], 1)] for k in kinds},
+        "load_average_before_after": [round(load_before, 2), round(load_after, 2)],
         "phase1_s_per_window": round(phase1 / n_windows, 3),
         "phase1_flop_bound_s": round(bound, 2),
         "phase1_vs_bound": round(phase1 / bound, 2),
