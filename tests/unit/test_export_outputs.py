@@ -156,7 +156,7 @@ def test_negative_result_reports_absent_and_routine(result: StudyResult, series_
     text = es.dsrdump(paths[0])
     assert '"Pulmonary embolism")=(272519000,SCT,"Absent")' in text
     assert "Central pulmonary embolism" not in text
-    assert '"AI triage priority")=(ROUTINE,99PETRIAGE' in text
+    assert '"AI triage priority")=(ROUTINE,99PETRIAGE[1],"ROUTINE")' in text  # meaning = the worklist word
     for p in paths:
         assert es.dciodvfy_errors(p) == []
 
