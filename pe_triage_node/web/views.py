@@ -174,6 +174,7 @@ class WorklistRow:
     result_at: dt.datetime | None
     time_to_result: str
     rule_name: str | None
+    meaningless: bool = False  # random demo weights: the numbers mean nothing
 
     @property
     def sort_key(self) -> tuple[int, float]:
@@ -323,6 +324,7 @@ def worklist(session: Session, flt: WorklistFilter, limit: int = 500) -> list[Wo
             result_at=result.created_at if result is not None else None,
             time_to_result=_duration(ttr),
             rule_name=result.rule_name if result is not None else None,
+            meaningless=bool(full.get("meaningless")),
         )
         if flt.priority and row.priority != flt.priority:
             continue
@@ -344,7 +346,8 @@ class LabelLine:
     threshold: float | None
     value: bool | None  # the consistent label
     changed: bool  # flipped by the consistency correction
-    attention: list[float]
+    attention: list[float]  # per window, feet to head
+    strip_is_probability: bool = False  # the window label's strip shows each window's probability
 
 
 @dataclass
@@ -511,8 +514,9 @@ def study_page(session: Session, cfg: NodeConfig, study_id: int) -> StudyPage | 
     lines = []
     for k in keys:
         att = attention.get(k)
+        per_window_probability = False
         if k == WINDOW_LABEL and not att:
-            att = window_probs
+            att, per_window_probability = window_probs, True
         lines.append(LabelLine(
             label=k,
             name=label_name(k),
@@ -521,6 +525,7 @@ def study_page(session: Session, cfg: NodeConfig, study_id: int) -> StudyPage | 
             value=label_values.get(k) if isinstance(label_values.get(k), bool) else None,
             changed=k in changed,
             attention=[float(a) for a in att if _num(a) is not None] if isinstance(att, list) else [],
+            strip_is_probability=per_window_probability,
         ))
     positive, findings = main_findings(label_values) if result is not None else (None, [])
 
