@@ -64,7 +64,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> str:
-    """``auto`` -> bf16 on CUDA with bf16 (else fp16), bf16 on CPUs with native bf16, else fp32."""
+    """``auto`` -> bf16 on CUDA with bf16 (else fp16), bf16 on CPUs with native bf16, else fp32; fp16 on a CPU -> fp32."""
+    if precision == "fp16" and device.type == "cpu":
+        log.warning("fp16 is not a CPU inference precision here; using fp32 (bf16 is the CPU's reduced precision)")
+        return "fp32"
     if precision != "auto":
         return precision
     if device.type == "cuda":

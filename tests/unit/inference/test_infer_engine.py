@@ -137,3 +137,19 @@ def test_cli_random_weights_is_loud(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["infer", str(tmp_path / "s"), "--random-weights", "--device", "cpu", "--batch-size", "2"]) == 0
     captured = capsys.readouterr()
     assert "MEANINGLESS" in captured.out and "MEANINGLESS" in captured.err
+
+
+def test_more_than_40_windows_are_interpolated_to_40_and_back() -> None:
+    from pe_triage_node.inference.volume import CTVolume
+
+    n = 450  # 45 windows of 1 mm slices
+    hu = np.full((n, 16, 16), 40.0, dtype=np.float32)
+    vol = CTVolume(hu=hu, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), orientation=(1, 0, 0, 0, 1, 0),
+                   sop_instance_uids=[f"1.2.{i}" for i in range(n)], instance_numbers=list(range(n)), positions_mm=[float(i) for i in range(n)])
+    engine = InferenceEngine(random_model(0, input_size=16), device="cpu", precision="fp32", batch_size=16)
+    result = engine.analyse(vol)
+    assert len(result.windows) == len(result.window_probabilities) == 45
+    assert all(len(a) == 45 and abs(sum(a) - 1) < 1e-5 for a in result.attention.values())
+    assert result.windows[-1].source_slices == (440, 449)
+    assert engine.precision == "fp32"
+    assert InferenceEngine(random_model(0, input_size=16), device="cpu", precision="fp16").precision == "fp32"
