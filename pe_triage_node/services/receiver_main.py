@@ -77,6 +77,7 @@ def _serve_one(
     *,
     reuse_port: bool,
     committer_conn: multiprocessing.connection.Connection | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> None:
     from pe_triage_node.db.session import make_engine
     from pe_triage_node.dicom.receiver import CommitterClient, StorageSCP
@@ -85,6 +86,8 @@ def _serve_one(
     client = CommitterClient(committer_conn, engine) if committer_conn is not None else None
     scp = StorageSCP(cfg, engine, on_association_released=released, reuse_port=reuse_port, committer=client)
     scp.start()
+    if on_started is not None:
+        on_started()
     try:
         while not stop.wait(1.0):
             pass
@@ -103,12 +106,19 @@ def _child_main(cfg: NodeConfig, conn: multiprocessing.connection.Connection) ->
         raise SystemExit(1) from None
 
 
-def serve(cfg: NodeConfig, *, on_association_released: ReleasedCallback | None = None) -> None:
+def serve(
+    cfg: NodeConfig,
+    *,
+    on_association_released: ReleasedCallback | None = None,
+    on_started: Callable[[], None] | None = None,
+) -> None:
     """Run the Storage SCP until SIGTERM/SIGINT (blocks).
 
     ``on_association_released(association_id)`` is called, in this process and off
     the association threads, after an association ended (released or aborted) and
     its ``associations`` row (released_at, outcome) was committed.
+    ``on_started()`` runs once listening (after the receiving processes were
+    forked): start this process's own threads there, not before.
     """
     from pe_triage_node.dicom.spool import Spool
 
@@ -123,12 +133,14 @@ def serve(cfg: NodeConfig, *, on_association_released: ReleasedCallback | None =
         if dispatcher is not None:
             dispatcher.start()
         try:
-            _serve_one(cfg, dispatcher.queue.put if dispatcher else None, stop, reuse_port=False)
+            _serve_one(
+                cfg, dispatcher.queue.put if dispatcher else None, stop, reuse_port=False, on_started=on_started
+            )
         finally:
             if dispatcher is not None:
                 dispatcher.stop()
         return
-    _supervise(cfg, on_association_released, stop)
+    _supervise(cfg, on_association_released, stop, on_started)
 
 
 def _reconcile(cfg: NodeConfig, spool: Any) -> None:
@@ -144,7 +156,12 @@ def _reconcile(cfg: NodeConfig, spool: Any) -> None:
         engine.dispose()
 
 
-def _supervise(cfg: NodeConfig, callback: ReleasedCallback | None, stop: threading.Event) -> None:
+def _supervise(
+    cfg: NodeConfig,
+    callback: ReleasedCallback | None,
+    stop: threading.Event,
+    on_started: Callable[[], None] | None = None,
+) -> None:
     """Fork the receiving processes, then commit their rows here (one writer for all)."""
     from pe_triage_node.db.session import make_engine
     from pe_triage_node.dicom.receiver import IndexCommitter, serve_committer_connection
@@ -176,6 +193,8 @@ def _supervise(cfg: NodeConfig, callback: ReleasedCallback | None, stop: threadi
         return t
 
     links = [serve_conn(conn) for _p, conn in children]
+    if on_started is not None:
+        on_started()
     log.info("receiver supervising %d receiving processes on port %d", len(children), cfg.receiver.port)
     try:
         while not stop.is_set():
@@ -226,18 +245,11 @@ def run_receiver_service(cfg: NodeConfig) -> None:
             except Exception:
                 log.error("series assembly sweep failed", exc_info=True)
 
-    thread: threading.Thread | None = None
+    def start_sweeps() -> None:
+        threading.Thread(target=sweeper, name="assembly-sweep", daemon=True).start()
+
     try:
-        if cfg.receiver.processes <= 1:
-            thread = threading.Thread(target=sweeper, name="assembly-sweep", daemon=True)
-            thread.start()
-            serve(cfg, on_association_released=assembler.on_association_released)
-        else:
-            # Fork the receiving processes first, then start this process's threads.
-            starter = threading.Timer(0.5, lambda: threading.Thread(target=sweeper, daemon=True).start())
-            starter.daemon = True
-            starter.start()
-            serve(cfg, on_association_released=assembler.on_association_released)
+        serve(cfg, on_association_released=assembler.on_association_released, on_started=start_sweeps)
     finally:
         stop_sweeps.set()
         engine.dispose()

@@ -371,12 +371,13 @@ def test_receive_indexes_on_each_database(db_url: str, start_node: Any, tmp_path
     assert node.scalar("SELECT count(*) FROM associations WHERE outcome = 'released'") == 1
 
 
-def test_released_association_hands_series_to_assembly(start_node: Any) -> None:
-    """Receiver + series assembly in one process: one reconstruction per real study selected."""
+@pytest.mark.parametrize("processes", [1, 2])
+def test_released_association_hands_series_to_assembly(start_node: Any, processes: int) -> None:
+    """Receiver + series assembly (callback in the supervisor with 2 processes): one reconstruction per study."""
     realdata = peers.realdata_dir()
     if realdata is None:
         pytest.skip(f"real data not found at {peers.REALDATA_DIR} (a checkout without ../shared/realdata)")
-    node = start_node(assembly=True)
+    node = start_node(assembly=True, processes=processes)
     res = peers.storescu(node.port, [realdata])
     assert res.returncode == 0, res.stderr
     _wait_until(lambda: node.scalar("SELECT count(*) FROM series WHERE state IN ('receiving', 'complete')") == 0)
