@@ -276,6 +276,7 @@ class InferenceEngine:
             device=str(self.device),
             precision=self.precision,
             timings_s=timings,
+            source_sop_instance_uids=list(volume.sop_instance_uids),
         )
 
     def _gradcam(

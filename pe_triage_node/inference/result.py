@@ -97,6 +97,8 @@ class StudyResult:
     device: str
     precision: str
     timings_s: dict[str, float]
+    # SOP Instance UIDs of the source slices in z order (index = source slice index used above)
+    source_sop_instance_uids: list[str] = field(default_factory=list)
     disclaimer: str = DISCLAIMER
     format: str = RESULT_FORMAT
 

@@ -45,6 +45,7 @@ def test_result_contents(result: StudyResult, small_series: Path) -> None:
     z0, z1 = result.crop["z"]
     assert z0 <= 8 and z1 >= 52 and z1 - z0 <= 60
     vol = load_ct_volume(small_series)
+    assert result.source_sop_instance_uids == vol.sop_instance_uids
     for m in result.gradcam:
         a, b = m.window_source_slices
         assert a <= m.source_slice_index <= b
