@@ -336,7 +336,8 @@ def _sc(
         device_serial_number=result.model_version[:64],
     )
     sc.BurnedInAnnotation = "YES"
-    sc.Laterality = ""  # General Series, Type 2C: unpaired (chest); dciodvfy wants it present
+    # General Series: the chest is an unpaired body part, so Laterality (Type 2C) stays absent.
+    sc.BodyPartExamined = str(ref.get("BodyPartExamined") or "CHEST")[:16]
     sc.RecognizableVisualFeatures = "NO"
     sc.ImageComments = f"{identity.NOT_FOR_DIAGNOSTIC_USE}. {description}"[:10240]
     sc.DerivationDescription = description[:1024]
