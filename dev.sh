@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 
 need_peers() {
   command -v storescu >/dev/null && command -v storescp >/dev/null && command -v dcmcjpls >/dev/null \
-    && command -v Orthanc >/dev/null && command -v dciodvfy >/dev/null
+    && command -v Orthanc >/dev/null && command -v dciodvfy >/dev/null && command -v chromium >/dev/null
 }
 
 install_peers() {

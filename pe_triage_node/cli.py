@@ -23,6 +23,7 @@ _ROOMS = (
     "pe_triage_node.inference.cli",
     "pe_triage_node.synth.cli",
     "pe_triage_node.rules.cli",
+    "pe_triage_node.web.cli",
 )
 
 
