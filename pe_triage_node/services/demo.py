@@ -171,23 +171,29 @@ def send_series(folder: Path, host: str, port: int, *, called_ae: str, calling_a
 # -- reading the SR ----------------------------------------------------------------------
 
 
+_SKIP_CONTAINERS = {"Image Library"}
+_SKIP_NAMES = {"Language of Content Item and Descendants", "Procedure reported", "Tracking Identifier",
+               "Observer Type", "Algorithm Parameters"}
+
+
 def sr_lines(ds: Any) -> list[str]:
-    """The SR's coded findings and measurements as ``name: value`` lines (TID 1500 content)."""
+    """The SR's coded findings, probabilities, priority and statement as ``name: value`` lines (TID 1500 content)."""
     lines: list[str] = []
 
     def walk(items: Any, depth: int) -> None:
         for item in items or []:
             name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
             vt = item.get("ValueType", "")
+            if name in _SKIP_CONTAINERS or name in _SKIP_NAMES:
+                continue
             if vt == "CODE" and "ConceptCodeSequence" in item:
                 lines.append(f"{'  ' * depth}{name}: {item.ConceptCodeSequence[0].CodeMeaning}")
-            elif vt == "NUM" and "MeasuredValueSequence" in item:
+            elif vt == "NUM" and "MeasuredValueSequence" in item and name.startswith("Probability"):
                 mv = item.MeasuredValueSequence[0]
-                unit = mv.MeasurementUnitsCodeSequence[0].CodeValue if "MeasurementUnitsCodeSequence" in mv else ""
-                lines.append(f"{'  ' * depth}{name}: {mv.NumericValue} {unit}".rstrip())
-            elif vt == "TEXT" and "TextValue" in item:
+                lines.append(f"{'  ' * depth}{name}: {float(mv.NumericValue):.3f}")
+            elif vt == "TEXT" and "TextValue" in item and "diagnostic" in name.lower():
                 lines.append(f"{'  ' * depth}{name}: {item.TextValue}")
-            walk(item.get("ContentSequence"), depth + 1 if vt == "CONTAINER" else depth)
+            walk(item.get("ContentSequence"), depth)
 
     walk(ds.get("ContentSequence"), 0)
     return lines

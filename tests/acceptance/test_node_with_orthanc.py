@@ -1,0 +1,183 @@
+"""Acceptance: Orthanc forwards two phantom CTPA studies to the node; the SR and SCs come back under them.
+
+Real peers: Orthanc (the PACS) and the node as real processes (``pe-triage run``
+with a temporary configuration, Orthanc as the export destination), on SQLite
+and on PostgreSQL. Orthanc pushes the studies (REST ``POST /modalities/triage/store``),
+as a PACS forwarding rule would; the test reads what came back through Orthanc's
+REST API, checks the findings and priorities against what the node stored and
+what the rules decide, runs ``dciodvfy`` on each object and ``dsrdump`` on the SR,
+and stops the node with SIGTERM (it must exit cleanly).
+
+The findings are only compared with truth (central PE -> STAT) when the shipped
+demo weights are present; otherwise a tiny random model runs and only
+consistency is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from pe_triage_node.db.models import Job, JobKind, JobState, TriageResult
+from pe_triage_node.db.session import make_engine
+from pe_triage_node.rules import Findings, priority_for
+from pe_triage_node.rules.store import active_rules
+from pe_triage_node.services.demo import sr_lines
+from pe_triage_node.synth.phantom import render_phantom, sample_spec
+from pe_triage_node.synth.rspect import write_phantom_study
+
+try:
+    from tests import export_support, node_support, peers
+except ModuleNotFoundError:
+    import export_support  # type: ignore[no-redef]
+    import node_support  # type: ignore[no-redef]
+    import peers  # type: ignore[no-redef]
+
+pytestmark = pytest.mark.slow
+
+SLICES = 40
+CENTRAL_SEED = 2  # small 40-slice positive phantom whose embolus sits in the pulmonary trunk
+NEGATIVE_SEED = 11
+
+
+class OrthancREST:
+    """The few Orthanc REST calls the test needs."""
+
+    def __init__(self, port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+
+    def call(self, method: str, path: str, body: bytes | dict[str, Any] | list[Any] | None = None) -> Any:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=120) as rsp:  # noqa: S310 - loopback test peer
+                raw = rsp.read()
+        except urllib.error.HTTPError as exc:  # Orthanc explains its errors in the body
+            raise AssertionError(f"Orthanc {method} {path}: HTTP {exc.code}: {exc.read()[:2000]!r}") from exc
+        ctype = rsp.headers.get("Content-Type", "")
+        return json.loads(raw) if "json" in ctype else raw
+
+    def series_by_modality(self, study_id: str) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for se in self.call("GET", f"/studies/{study_id}/series"):
+            out.setdefault(se["MainDicomTags"].get("Modality", ""), []).extend(se["Instances"])
+        return out
+
+
+def _phantom(tmp: Path, seed: int, category: str) -> Path:
+    spec = sample_spec(seed, size="small", slices=SLICES, category=category,  # type: ignore[arg-type]
+                       pe_type="acute" if category == "positive" else None)
+    if category == "positive" and not any(e.side == "central" for e in spec.emboli):
+        raise RuntimeError(f"seed {seed} has no central embolus")
+    return write_phantom_study(render_phantom(spec), tmp, split="acceptance").series_dir
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("phantoms")
+    return {"central": _phantom(tmp, CENTRAL_SEED, "positive"), "negative": _phantom(tmp, NEGATIVE_SEED, "negative")}
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if node_support.DEMO_MANIFEST.is_file():
+        return node_support.DEMO_MANIFEST
+    return node_support.tiny_manifest(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[tuple[OrthancREST, int]]:
+    dicom_port, http_port = peers.free_port(), peers.free_port()
+    proc = peers.start_orthanc(tmp_path / "orthanc", dicom_port, http_port, aet="PACS")
+    try:
+        yield OrthancREST(http_port), dicom_port
+    finally:
+        peers.stop_process(proc)
+
+
+def test_orthanc_forwards_two_studies_and_gets_sr_and_scs_back(
+    tmp_path: Path, db_url: str, orthanc: tuple[OrthancREST, int], phantoms: dict[str, Path], manifest: Path
+) -> None:
+    rest, orthanc_dicom = orthanc
+    # the PACS holds the two studies
+    study_ids: dict[str, str] = {}
+    for name, folder in phantoms.items():
+        for path in sorted(folder.glob("*.dcm")):
+            study_ids[name] = rest.call("POST", "/instances", path.read_bytes())["ParentStudy"]
+
+    node_port = peers.free_port()
+    config = node_support.write_node_config(
+        tmp_path, database_url=db_url, receiver_port=node_port, manifest=manifest,
+        destinations=[{"name": "orthanc", "ae_title": "PACS", "host": "127.0.0.1", "port": orthanc_dicom}],
+    )
+    log_path = tmp_path / "node.log"
+    node = node_support.start_node_process(config, ["run", "--no-web"], log_path=log_path)
+    try:
+        peers.wait_for_port(node_port, proc=node, timeout=120)
+        rest.call("PUT", "/modalities/triage", {"AET": "PETRIAGE", "Host": "127.0.0.1", "Port": node_port})
+        rest.call("POST", "/modalities/triage/store", {"Resources": list(study_ids.values()), "Synchronous": True})
+
+        engine = make_engine(db_url)
+
+        def all_delivered() -> bool:
+            with Session(engine) as s:
+                exports = s.scalars(select(Job).where(Job.kind == JobKind.export)).all()
+                results = s.scalars(select(TriageResult)).all()
+            return len(results) == 2 and len(exports) == 2 and all(j.state == JobState.succeeded for j in exports)
+
+        node_support.wait_until(all_delivered, 240, "both results delivered to Orthanc", procs=[node], log_path=log_path)
+
+        with Session(engine) as s:
+            results = {r.study_instance_uid: r for r in s.scalars(select(TriageResult))}
+            rules = active_rules(s)
+        engine.dispose()
+
+        for name, study_id in study_ids.items():
+            by_modality = rest.series_by_modality(study_id)
+            assert len(by_modality.get("SR", [])) == 1, f"{name}: one SR under the original study"
+            assert len(by_modality.get("OT", []) + by_modality.get("SC", [])) >= 1, f"{name}: SCs under the study"
+            source = pydicom.dcmread(next(phantoms[name].glob("*.dcm")), stop_before_pixels=True)
+            row = results[source.StudyInstanceUID]
+
+            # every object returned is valid for its IOD and belongs to the patient and study
+            for instance in [i for mod, ids in by_modality.items() if mod != "CT" for i in ids]:
+                path = tmp_path / f"{name}-{instance}.dcm"
+                path.write_bytes(rest.call("GET", f"/instances/{instance}/file"))
+                ds = pydicom.dcmread(path)
+                assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
+                assert export_support.dciodvfy_errors(path) == [], f"{name} {ds.Modality}: dciodvfy errors"
+                if ds.Modality == "SR":
+                    tree = export_support.dsrdump(path)
+                    assert "CONTAINER" in tree and row.priority in tree
+                    sr = ds
+
+            # the SR says what the node stored, and that is what the rules decide for the stored findings
+            labels, probs, attrs = (json.loads(row.labels), json.loads(row.probabilities), json.loads(row.attributes))
+            decision = priority_for(Findings(labels, probs), attrs, rules)
+            assert row.priority == decision.priority.value
+            lines = [line.strip() for line in sr_lines(sr)]
+            assert f"AI triage priority: {row.priority}" in lines
+            expected_pe = "Present" if labels["pe_present"] else "Absent"
+            assert f"Pulmonary embolism: {expected_pe}" in lines
+            assert row.priority in str(sr.SeriesDescription)
+            if name == "central" and manifest == node_support.DEMO_MANIFEST:
+                assert row.priority == "STAT", "the demo model should find the central PE"
+    finally:
+        node.send_signal(signal.SIGTERM)
+        try:
+            code = node.wait(timeout=150)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            raise
+    assert code == 0, f"the node did not stop cleanly on SIGTERM\n{log_path.read_text()[-4000:]}"
