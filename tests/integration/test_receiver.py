@@ -211,8 +211,9 @@ def test_calling_ae_allow_list_and_called_ae_check(start_node: Any) -> None:
     assert peers.echoscu(node.port, calling="SCANNER").returncode == 0
     assert peers.echoscu(node.port, calling="INTRUDER").returncode != 0
     assert peers.echoscu(node.port, calling="SCANNER", called="SOMEONEELSE").returncode != 0
+    # The receiver logs after answering the A-ASSOCIATE-RJ: wait for both lines.
+    _wait_until(lambda: node.log.read_text().count("association rejected: peer=127.0.0.1:") >= 2, timeout=10)
     log = node.log.read_text()
-    assert "association rejected: peer=127.0.0.1:" in log
     assert "calling=INTRUDER" in log
     assert "called=SOMEONEELSE" in log
 
