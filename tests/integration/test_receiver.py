@@ -96,6 +96,11 @@ def _series(out: Path, slices: int, size: int, **kw: Any) -> list[Path]:
     return write_ct_series(vol, out, **kw)
 
 
+def _wait_closed(node: Node, n: int) -> None:
+    """Association rows are finished just after the peer got its A-RELEASE-RP: wait for ``n`` of them."""
+    _wait_until(lambda: node.scalar("SELECT count(*) FROM associations WHERE released_at IS NOT NULL") >= n, 15)
+
+
 def _instance_count(node: Node) -> int:
     return int(node.scalar("SELECT count(*) FROM instances"))
 
@@ -154,6 +159,7 @@ def test_echo_and_realdata_both_reconstructions_indexed(start_node: Any) -> None
     stored = pydicom.dcmread(node.spool / rel)
     assert stored.PixelData == src.PixelData
     assert stored.file_meta.TransferSyntaxUID == src.file_meta.TransferSyntaxUID
+    _wait_closed(node, 2)
     assoc = node.rows("SELECT outcome, instances_stored, calling_ae, released_at FROM associations ORDER BY started_at")
     assert [(a.outcome, a.instances_stored, a.calling_ae) for a in assoc] == [
         ("released", 0, "SCANNER"),
@@ -198,6 +204,7 @@ def test_four_parallel_storescu_two_processes(start_node: Any, tmp_path: Path) -
         assert p.returncode == 0, err
     assert _instance_count(node) == 48
     assert node.scalar("SELECT instance_count FROM series") == 48
+    _wait_closed(node, 4)
     assoc = node.rows("SELECT outcome, instances_stored, receiver_pid FROM associations")
     assert sorted(a.instances_stored for a in assoc) == [12, 12, 12, 12]
     assert {a.outcome for a in assoc} == {"released"}
@@ -369,6 +376,7 @@ def test_receive_indexes_on_each_database(db_url: str, start_node: Any, tmp_path
     assert _instance_count(node) == 6
     row = node.rows("SELECT state, instance_count, modality FROM series")[0]
     assert (row.state, row.instance_count, row.modality) == ("receiving", 6, "CT")
+    _wait_closed(node, 1)
     assert node.scalar("SELECT count(*) FROM associations WHERE outcome = 'released'") == 1
 
 
