@@ -37,6 +37,13 @@ def _infer(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(result.to_json(maps=args.maps, indent=1), encoding="utf-8")
         print(f"result written to {args.json}")
+    if args.outputs is not None:
+        from pe_triage_node.export.outputs import write_standalone_outputs
+
+        decision, paths = write_standalone_outputs(result, args.dicom_dir, args.outputs, uid_prefix=cfg.export.uid_prefix)
+        print(f"priority {decision.priority.value}: {decision.explanation}")
+        for path in paths:
+            print(f"wrote {path}")
     return 0
 
 
@@ -45,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = subparsers.add_parser("infer", help="analyse one CT series folder and print the findings (NOT FOR DIAGNOSTIC USE)")
     p.add_argument("dicom_dir", metavar="DICOM_DIR", type=Path, help="folder holding the DICOM files of one CT series")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the full result as JSON")
+    p.add_argument("--outputs", type=Path, default=None, metavar="OUT_DIR", help="also write the SR and SCs the node would send (DICOM), for inspection without a PACS")
     p.add_argument("--maps", choices=("summary", "full", "none"), default="summary", help="Grad-CAM maps in the JSON (default: summary)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="override inference.device")
     p.add_argument("--weights", type=Path, default=None, metavar="MANIFEST", help="weights manifest.json (default: inference.weights_manifest, else models/demo/manifest.json)")
