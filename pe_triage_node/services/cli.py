@@ -67,10 +67,11 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _exporter(args: argparse.Namespace) -> int:
     """The exporter: C-STORE of the results to every destination, retries, webhook."""
-    from pe_triage_node.services.node import run_exporter_service
+    from pe_triage_node.services.node import quiet_libraries, run_exporter_service
 
     cfg = config_from_args(args)
     configure_logging(cfg, "exporter")
+    quiet_libraries()
     return run_exporter_service(cfg)
 
 

@@ -51,6 +51,11 @@ def web_available() -> bool:
         return False
 
 
+def quiet_libraries() -> None:
+    """APScheduler logs every poll at INFO: keep it at WARNING in the node's processes."""
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
 def _stop_event() -> threading.Event:
     stop = threading.Event()
 
@@ -232,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pe_triage_node.services.logs import configure_logging
 
     configure_logging(cfg, args.role)
+    quiet_libraries()
     return run_role(args.role, cfg, random_weights=args.random_weights)
 
 
