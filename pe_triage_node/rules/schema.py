@@ -40,31 +40,11 @@ from pydantic import (
 )
 
 from pe_triage_node.errors import PETriageError
+from pe_triage_node.inference.labels import PE_SPECIFIC, STUDY_LABELS, WINDOW_LABEL
 
 # -- label names (RSNA STR PE challenge names, verbatim; MODEL.md) -----------
 
-WINDOW_LABEL = "pe_present_on_image"
-STUDY_LABELS: tuple[str, ...] = (
-    "negative_exam_for_pe",
-    "indeterminate",
-    "chronic_pe",
-    "acute_and_chronic_pe",
-    "central_pe",
-    "leftsided_pe",
-    "rightsided_pe",
-    "rv_lv_ratio_gte_1",
-    "rv_lv_ratio_lt_1",
-)
-# Labels only a positive study may carry (the challenge's consistency rule 2b).
-PE_SPECIFIC_LABELS: tuple[str, ...] = (
-    "chronic_pe",
-    "acute_and_chronic_pe",
-    "central_pe",
-    "leftsided_pe",
-    "rightsided_pe",
-    "rv_lv_ratio_gte_1",
-    "rv_lv_ratio_lt_1",
-)
+PE_SPECIFIC_LABELS = PE_SPECIFIC
 # Study positive: some window has pe_present_on_image > threshold.
 PE_PRESENT = "pe_present"
 # Derived: positive with neither chronic label (MODEL.md "Acute PE").

@@ -31,23 +31,14 @@ from typing import Any, Literal
 import numpy as np
 from scipy import ndimage
 
+from pe_triage_node.inference.labels import PE_SPECIFIC, STUDY_LABELS, WINDOW_LABEL
+
 Size = Literal["small", "full"]
 Category = Literal["negative", "positive", "indeterminate"]
 PEType = Literal["acute", "chronic", "acute_and_chronic"]
 Side = Literal["central", "right", "left"]
 
-STUDY_LABELS: tuple[str, ...] = (
-    "negative_exam_for_pe",
-    "indeterminate",
-    "chronic_pe",
-    "acute_and_chronic_pe",
-    "central_pe",
-    "leftsided_pe",
-    "rightsided_pe",
-    "rv_lv_ratio_gte_1",
-    "rv_lv_ratio_lt_1",
-)
-SLICE_LABEL = "pe_present_on_image"
+SLICE_LABEL = WINDOW_LABEL
 # Vessel orders: 0 pulmonary trunk, 1 main (right/left) PA, 2 lobar, 3 segmental, >=4 subsegmental.
 ORDER_NAMES = {0: "trunk", 1: "main", 2: "lobar", 3: "segmental"}
 SUBSEGMENTAL_ORDER = 4
@@ -98,16 +89,7 @@ class StudyLabels:
         else:
             if v["negative_exam_for_pe"] + v["indeterminate"] != 1:
                 bad.append("2a")
-            pe_specific = (
-                "chronic_pe",
-                "acute_and_chronic_pe",
-                "central_pe",
-                "leftsided_pe",
-                "rightsided_pe",
-                "rv_lv_ratio_gte_1",
-                "rv_lv_ratio_lt_1",
-            )
-            if any(v[k] for k in pe_specific):
+            if any(v[k] for k in PE_SPECIFIC):
                 bad.append("2b")
         return bad
 
