@@ -75,16 +75,20 @@ class DemoReceiver:
 
     def __init__(self, ae_title: str, host: str, port: int, keep: Path | None = None) -> None:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
-        from pynetdicom.sop_class import Verification
+
+        verification = "1.2.840.10008.1.1"  # Verification SOP Class (PS3.4 A.4)
 
         self.received: queue.SimpleQueue[Received] = queue.SimpleQueue()
         self.keep = keep
         ae = AE(ae_title=ae_title)
         ae.supported_contexts = AllStoragePresentationContexts
-        ae.add_supported_context(Verification)
+        ae.add_supported_context(verification)
         ae.maximum_associations = 4
         self._ae = ae
-        self._server = ae.start_server((host, port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        server = ae.start_server((host, port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        if server is None:  # pragma: no cover - block=False always returns the server
+            raise RuntimeError("the demo receiver did not start")
+        self._server = server
 
     def _on_store(self, event: Any) -> int:
         ds = event.dataset
@@ -146,8 +150,8 @@ def central_pe_phantom(out_dir: Path, *, slices: int, seed: int | None) -> tuple
 def send_series(folder: Path, host: str, port: int, *, called_ae: str, calling_ae: str) -> float:
     """C-STORE every file of ``folder`` in one association; returns ``time.monotonic()`` at the last response."""
     import pydicom
+    from pydicom.uid import CTImageStorage
     from pynetdicom import AE
-    from pynetdicom.sop_class import CTImageStorage
 
     files = sorted(folder.glob("*.dcm"))
     ae = AE(ae_title=calling_ae)
