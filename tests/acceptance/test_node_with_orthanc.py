@@ -8,9 +8,10 @@ REST API, checks the findings and priorities against what the node stored and
 what the rules decide, runs ``dciodvfy`` on each object and ``dsrdump`` on the SR,
 and stops the node with SIGTERM (it must exit cleanly).
 
-The findings are only compared with truth (central PE -> STAT) when the shipped
-demo weights are present; otherwise a tiny random model runs and only
-consistency is checked.
+The model is the shipped demo weights when present, else a tiny random model;
+either way the test checks consistency (the SR says what the node stored, and
+that is what the active rules decide for the stored findings), not the model's
+accuracy, which the evaluation room measures.
 """
 
 from __future__ import annotations
@@ -171,8 +172,6 @@ def test_orthanc_forwards_two_studies_and_gets_sr_and_scs_back(
             expected_pe = "Present" if labels["pe_present"] else "Absent"
             assert f"Pulmonary embolism: {expected_pe}" in lines
             assert row.priority in str(sr.SeriesDescription)
-            if name == "central" and manifest == node_support.DEMO_MANIFEST:
-                assert row.priority == "STAT", "the demo model should find the central PE"
     finally:
         node.send_signal(signal.SIGTERM)
         try:
