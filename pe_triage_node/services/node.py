@@ -192,6 +192,7 @@ class NodeSupervisor:
 
     def run(self) -> int:
         """Start everything and supervise until SIGTERM/SIGINT; returns 0 after a clean stop."""
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         stop = _stop_event()
         for child in self.children:
             self._start(child)
@@ -201,6 +202,8 @@ class NodeSupervisor:
                     self._check(child)
         finally:
             self.shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return 0
 
     def shutdown(self) -> None:
