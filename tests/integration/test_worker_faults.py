@@ -8,6 +8,7 @@ seconds. Waits are on conditions in the database or on ports, never fixed sleeps
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 from collections import Counter
@@ -162,7 +163,7 @@ def test_results_reach_a_destination_that_was_down_exactly_once(
 
     job = node_support.wait_until(export_failed_once, 180, "an export attempt failing on the closed port",
                                   procs=[node], log_path=log_path)
-    assert "PACS" in (job.last_error or "") or job.last_error
+    assert job.last_error, "the failed attempt recorded its error"
 
     out = tmp_path / "pacs"
     out.mkdir()
@@ -172,8 +173,6 @@ def test_results_reach_a_destination_that_was_down_exactly_once(
     peers.wait_for_port(pacs_port, proc=pacs)
     node_support.wait_until(lambda: _job(engine, job.id).state == JobState.succeeded, 60,
                             "the export delivered once the destination is up", procs=[node], log_path=log_path)
-    import json
-
     expected = len(json.loads(_job(engine, job.id).payload)["files"])
     received = sorted(p.name for p in out.iterdir() if p.is_file())
     assert len(received) == expected, f"each object delivered exactly once: {received}"
