@@ -1,0 +1,256 @@
+"""Step 2: phase 1 — r3d_18 on 10-slice windows, BCE on the window label; and step 3: feature extraction.
+
+Defaults are the paper's (MODEL.md): Adam lr 4e-4, batch 16, 20 epochs, keep
+the epoch with the best validation window AUROC. An epoch visits every window
+of the training grid that holds a positive slice plus as many negative windows
+drawn at random (``neg_ratio`` x), each start shifted by up to ``jitter`` slices
+(a window's label is recomputed from its slices); validation runs on the
+inference grid. Mixed precision (bf16 autocast) on CUDA and on CPUs with
+native bf16, as the engine serves. A checkpoint is written after each epoch
+(``PHASE1_DIR/last.pt``: model, optimiser, epoch, best; ``best.pt``: the best
+model) and training resumes from it. Per-epoch randomness comes from
+``numpy.random.default_rng([seed, epoch])`` so a resumed run draws the same windows.
+
+``python -m training.phase1 CACHE OUT [--epochs 20] ...`` trains;
+``python -m training.phase1 CACHE OUT --features-only`` writes ``OUT/features_<split>.npz``
+(the 512-d penultimate activation per grid window) from ``best.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pe_triage_node.evaluation import delong_auroc
+from pe_triage_node.inference.networks import WindowEncoder
+from pe_triage_node.inference.volume import WINDOW_SLICES
+from training.cache import CachedStudy, load_cached
+from training.common import autocast_for, load_checkpoint, pick_device, save_checkpoint, seed_everything, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Phase1Config:
+    """Phase-1 hyper-parameters (paper defaults)."""
+
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 4e-4
+    seed: int = 0
+    neg_ratio: float = 1.0  # negative windows per positive window in an epoch
+    jitter: int = 3  # random shift of a window's start, slices
+    max_minutes: float | None = None  # stop after the epoch that passes this wall time (recorded)
+    eval_batch: int = 32
+    device: str = "auto"
+    precision: str = "auto"
+
+
+def _epoch_windows(studies: list[CachedStudy], cfg: Phase1Config, epoch: int) -> list[tuple[int, int]]:
+    """(study, start slice) pairs of one epoch: all positive grid windows + ``neg_ratio`` x as many negatives."""
+    rng = np.random.default_rng([cfg.seed, epoch])
+    pos: list[tuple[int, int]] = []
+    neg: list[tuple[int, int]] = []
+    for i, st in enumerate(studies):
+        for w, y in enumerate(st.window_labels()):
+            (pos if y > 0 else neg).append((i, w))
+    n_neg = min(len(neg), max(1, int(round(cfg.neg_ratio * max(len(pos), 1)))))
+    picked = pos + [neg[j] for j in rng.choice(len(neg), size=n_neg, replace=False)] if neg else list(pos)
+    out = []
+    for i, w in picked:
+        z = int(studies[i].slices.shape[0])
+        start = w * WINDOW_SLICES + (int(rng.integers(-cfg.jitter, cfg.jitter + 1)) if cfg.jitter else 0)
+        out.append((i, int(min(max(0, start), max(0, z - 1)))))
+    order = rng.permutation(len(out))
+    return [out[j] for j in order]
+
+
+def _train_logits(model: WindowEncoder, x: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    """Training forward: stem..layer3 under the serving autocast, ``layer4`` and the head in fp32.
+
+    On this project's CPU (torch 2.14, oneDNN) the bf16 weight gradient of
+    ``layer4``'s small 3-D convolutions came out non-finite after a few steps;
+    fp32 there keeps training stable at little cost (layer4 sees 1/8 of the
+    resolution). Inference is unchanged (the engine's own autocast).
+    """
+    with autocast_for(device, precision):
+        a = model.layer3(model.layer2(model.layer1(model.stem(x))))
+    a = model.layer4(a.float())
+    return model.fc(model.avgpool(a).flatten(1))[:, 0]
+
+
+def _window_label(st: CachedStudy, start: int) -> float:
+    return float(bool(st.slice_labels[start : start + WINDOW_SLICES].any()))
+
+
+@torch.inference_mode()
+def predict_windows(model: WindowEncoder, studies: list[CachedStudy], device: torch.device, *, batch: int = 32, precision: str = "auto") -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Phase-1 probabilities and 512-d features for every grid window of every study."""
+    model.eval()
+    probs, feats = [], []
+    for st in studies:
+        p, f = [], []
+        for a in range(0, st.n_windows, batch):
+            x = st.grid_windows(a, min(st.n_windows, a + batch)).to(device)
+            with autocast_for(device, precision):
+                logit, feat, _ = model(x)
+            p.append(torch.sigmoid(logit.float()).cpu())
+            f.append(feat.float().cpu())
+        probs.append(torch.cat(p).numpy())
+        feats.append(torch.cat(f).numpy())
+    return probs, feats
+
+
+def train_phase1(cache_dir: Path, out_dir: Path, cfg: Phase1Config, *, show_progress: bool = True) -> dict[str, Any]:
+    """Train phase 1 on ``cache_dir/train``, select on ``cache_dir/val``; return the training record."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    train, tindex = load_cached(cache_dir, "train")
+    val, _ = load_cached(cache_dir, "val")
+    model = WindowEncoder().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    history: list[dict[str, Any]] = []
+    best_auc, best_epoch, start_epoch = -1.0, -1, 0
+    elapsed_before = 0.0
+    ck = load_checkpoint(out_dir / "last.pt")
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start_epoch, best_auc, best_epoch = int(ck["epoch"]) + 1, float(ck["best_auc"]), int(ck["best_epoch"])
+        history = list(ck["history"])
+        elapsed_before = float(ck.get("elapsed_s", 0.0))
+        log.info("resuming phase 1 at epoch %d", start_epoch)
+    t0 = time.perf_counter()
+    val_y = np.concatenate([st.window_labels() for st in val])
+    stopped_early = False
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.max_minutes is not None and elapsed_before + time.perf_counter() - t0 > cfg.max_minutes * 60:
+            stopped_early = True
+            break
+        # Each epoch re-seeds torch too, so a resumed run trains identically.
+        torch.manual_seed(cfg.seed * 1000 + epoch)
+        model.train()
+        items = _epoch_windows(train, cfg, epoch)
+        losses: list[float] = []
+        skipped = 0
+        bar = tqdm(range(0, len(items), cfg.batch_size), desc=f"phase1 epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show_progress)
+        for a in bar:
+            chunk = items[a : a + cfg.batch_size]
+            x = torch.stack([train[i].window(s) for i, s in chunk]).to(device)
+            y = torch.tensor([_window_label(train[i], s) for i, s in chunk], device=device)
+            logit = _train_logits(model, x, device, cfg.precision)
+            loss = F.binary_cross_entropy_with_logits(logit.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if not torch.isfinite(loss) or not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
+                skipped += 1  # a non-finite gradient: drop this step rather than poison the weights
+                continue
+            opt.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", skipped=skipped)
+        probs, _ = predict_windows(model, val, device, batch=cfg.eval_batch, precision=cfg.precision)
+        auc, _ = delong_auroc(val_y, np.concatenate(probs)) if len(val_y) else (float("nan"), 0.0)
+        auc = float(auc) if not np.isnan(auc) else 0.0
+        rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None, "train_windows": len(items), "skipped_steps": skipped, "val_window_auroc": round(auc, 4)}
+        history.append(rec)
+        log.info("phase1 %s", rec)
+        if show_progress:
+            print(f"phase1 epoch {epoch + 1}: loss {rec['train_loss']:.4f} val window AUROC {auc:.4f}", flush=True)
+        if auc > best_auc:
+            best_auc, best_epoch = auc, epoch + 1
+            save_checkpoint(out_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch})
+        save_checkpoint(
+            out_dir / "last.pt",
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "epoch": epoch,
+                "best_auc": best_auc,
+                "best_epoch": best_epoch,
+                "history": history,
+                "elapsed_s": elapsed_before + time.perf_counter() - t0,
+            },
+        )
+    record = {
+        "config": asdict(cfg),
+        "device": str(device),
+        "input_size": tindex["input_size"],
+        "train_studies": len(train),
+        "val_studies": len(val),
+        "best_epoch": best_epoch,
+        "best_val_window_auroc": round(best_auc, 4),
+        "epochs_run": len(history),
+        "stopped_by_time_limit": stopped_early,
+        "history": history,
+        "seconds": round(elapsed_before + time.perf_counter() - t0, 1),
+    }
+    write_json(out_dir / "phase1.json", record)
+    return record
+
+
+def load_phase1(out_dir: Path) -> WindowEncoder:
+    """The best phase-1 model of a run (``best.pt``), in eval mode on the CPU."""
+    ck = load_checkpoint(Path(out_dir) / "best.pt")
+    if ck is None:
+        raise FileNotFoundError(f"{out_dir}/best.pt not found: train phase 1 first")
+    model = WindowEncoder()
+    model.load_state_dict(ck["model"])
+    return model.eval()
+
+
+def extract_features(cache_dir: Path, out_dir: Path, splits: tuple[str, ...] = ("train", "val"), *, device: str = "auto", precision: str = "auto", batch: int = 32) -> dict[str, Path]:
+    """Write ``OUT/features_<split>.npz`` (per study: ``f<k>`` features (N, 512), ``p<k>`` phase-1 probabilities)."""
+    dev = pick_device(device)
+    model = load_phase1(out_dir).to(dev)
+    paths = {}
+    for split in splits:
+        path = Path(out_dir) / f"features_{split}.npz"
+        if path.is_file():
+            paths[split] = path
+            continue
+        studies, _ = load_cached(cache_dir, split)
+        probs, feats = predict_windows(model, studies, dev, batch=batch, precision=precision)
+        arrays = {f"f{k}": f.astype(np.float32) for k, f in enumerate(feats)}
+        arrays.update({f"p{k}": p.astype(np.float32) for k, p in enumerate(probs)})
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]
+        tmp.replace(path)
+        paths[split] = path
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.phase1", description="phase 1 (r3d_18 windows) training and feature extraction")
+    ap.add_argument("cache_dir", type=Path)
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--neg-ratio", type=float, default=1.0)
+    ap.add_argument("--max-minutes", type=float, default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--features-only", action="store_true", help="only extract features from best.pt")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    if not args.features_only:
+        cfg = Phase1Config(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, neg_ratio=args.neg_ratio, max_minutes=args.max_minutes, device=args.device)
+        train_phase1(args.cache_dir, args.out_dir, cfg)
+    print(extract_features(args.cache_dir, args.out_dir, device=args.device))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
