@@ -195,7 +195,7 @@ def sr_lines(ds: Any) -> list[str]:
             elif vt == "NUM" and "MeasuredValueSequence" in item and name.startswith("Probability"):
                 mv = item.MeasuredValueSequence[0]
                 lines.append(f"{'  ' * depth}{name}: {float(mv.NumericValue):.3f}")
-            elif vt == "TEXT" and "TextValue" in item and "diagnostic" in name.lower():
+            elif vt == "TEXT" and "TextValue" in item and ("diagnostic" in name.lower() or "rule" in name.lower()):
                 lines.append(f"{'  ' * depth}{name}: {item.TextValue}")
             walk(item.get("ContentSequence"), depth)
 
