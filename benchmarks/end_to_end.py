@@ -75,6 +75,8 @@ def main() -> int:
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--random-weights", action="store_true", help="random weights even when the demo weights exist")
     ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--poll-s", type=float, default=1.0,
+                    help="queue.poll_interval_s and export.poll_interval_s (the node's default: 1.0)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, outputs)")
     args = ap.parse_args()
 
@@ -102,8 +104,8 @@ def main() -> int:
             sections={
                 # the node's defaults for everything that adds latency
                 "assembly": {"quiet_period_s": 30.0, "check_interval_s": 2.0},
-                "queue": {"poll_interval_s": 1.0, "lease_s": 120.0, "heartbeat_s": 15.0},
-                "export": {"poll_interval_s": 1.0},
+                "queue": {"poll_interval_s": args.poll_s, "lease_s": 120.0, "heartbeat_s": 15.0},
+                "export": {"poll_interval_s": args.poll_s},
                 "inference": {"device": args.device, "lung_crop": "auto", "batch_size": 8},
             },
         )
@@ -207,6 +209,7 @@ def main() -> int:
         "goal_ratio": 1.5,
         "met": ratio <= 1.5,
         "priority": priority,
+        "poll_interval_s": args.poll_s,
     }))
     return 0
 
