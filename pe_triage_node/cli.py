@@ -24,6 +24,7 @@ _ROOMS = (
     "pe_triage_node.synth.cli",
     "pe_triage_node.rules.cli",
     "pe_triage_node.web.cli",
+    "pe_triage_node.evaluation",
 )
 
 

@@ -167,7 +167,7 @@ class InferenceEngine:
             if not Path(manifest).is_file():
                 raise WeightsError(
                     f"no model weights: manifest {manifest} not found. Set inference.weights_manifest "
-                    "(or --weights) to a trained model's manifest.json; no demo weights ship yet."
+                    "(or --weights) to a trained model's manifest.json (the demo weights ship in models/demo/)."
                 )
             model = load_weights(Path(manifest))
         return cls(
