@@ -60,6 +60,8 @@ def make_cfg(db_url: str, tmp_path: Path, with_manifest: bool = True) -> NodeCon
     data: dict[str, object] = {"node": {"var_dir": str(tmp_path / "var")}, "database": {"url": db_url}}
     if with_manifest:
         data["inference"] = {"weights_manifest": str(web_seed.manifest(tmp_path / "model"))}
+    else:  # a manifest path that does not exist (the shipped demo weights would be found otherwise)
+        data["inference"] = {"weights_manifest": str(tmp_path / "missing" / "manifest.json")}
     cfg = NodeConfig(**data)  # type: ignore[arg-type]
     cfg.spool_dir.mkdir(parents=True, exist_ok=True)
     return cfg
