@@ -73,15 +73,9 @@ def _stop_event() -> threading.Event:
 
 def run_exporter_service(cfg: NodeConfig) -> int:
     """The ``pe-triage exporter`` process: export jobs until SIGTERM/SIGINT."""
-    from pe_triage_node.db.session import make_engine
-    from pe_triage_node.export.exporter import Exporter
+    from pe_triage_node.export.exporter import run_exporter_service as serve_exports
 
-    stop = _stop_event()
-    engine = make_engine(cfg.database_url, echo=cfg.database.echo)
-    try:
-        Exporter(engine, cfg).run_forever(stop)
-    finally:
-        engine.dispose()
+    serve_exports(cfg, _stop_event())
     return 0
 
 
