@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import torch
 
@@ -128,6 +129,13 @@ def test_cli_infer(small_series: Path, tmp_path: Path, capsys: pytest.CaptureFix
     text = capsys.readouterr().out
     assert "NOT FOR DIAGNOSTIC USE" in text and "cli-test 9" in text and "pe_present_on_image" in text
     assert StudyResult.from_json(out.read_text()).model_version == "9"
+    outputs = tmp_path / "outputs"
+    assert main(["infer", str(small_series), "--weights", str(manifest), "--device", "cpu", "--outputs", str(outputs)]) == 0
+    assert "priority " in capsys.readouterr().out
+    srs, scs = sorted(outputs.glob("SR_*.dcm")), sorted(outputs.glob("SC_*.dcm"))
+    assert len(srs) == 1 and scs  # the SR and at least the summary SC
+    sr = pydicom.dcmread(srs[0])
+    assert sr.SeriesDescription.startswith("AI PE TRIAGE") and sr.VerificationFlag == "UNVERIFIED"
     assert main(["infer", str(tmp_path / "w"), "--weights", str(manifest)]) == 3
     assert "series rejected" in capsys.readouterr().err
 
