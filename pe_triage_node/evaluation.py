@@ -37,21 +37,12 @@ from typing import Any
 
 import numpy as np
 
+from pe_triage_node.inference.labels import STUDY_LABELS, WINDOW_LABEL  # no torch import
+
 log = logging.getLogger(__name__)
 
 REPORT_FORMAT = "pe-triage-evaluation/1"
-WINDOW_LABEL = "pe_present_on_image"  # RSNA names (kept here so the CLI needs no torch import)
-STUDY_LABELS: tuple[str, ...] = (
-    "negative_exam_for_pe",
-    "indeterminate",
-    "chronic_pe",
-    "acute_and_chronic_pe",
-    "central_pe",
-    "leftsided_pe",
-    "rightsided_pe",
-    "rv_lv_ratio_gte_1",
-    "rv_lv_ratio_lt_1",
-)
+
 Z95 = 1.959963984540054
 
 

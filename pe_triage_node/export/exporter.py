@@ -44,7 +44,6 @@ from pe_triage_node.config import ExportSection, NodeConfig
 from pe_triage_node.db.models import JobKind, JobState
 from pe_triage_node.export import identity
 from pe_triage_node.export.findings import main_finding, positive_findings
-from pe_triage_node.export.outputs import SourceLike, write_outputs
 from pe_triage_node.export.sender import SendReport, send_files
 from pe_triage_node.inference.result import StudyResult
 from pe_triage_node.queue import ClaimedJob, backoff_delay, claim, complete, enqueue, fail, heartbeat, worker_identity
@@ -129,24 +128,6 @@ def enqueue_exports(
         )
         ids.append(job.id)
     return ids
-
-
-def export_result(
-    engine: Engine,
-    cfg: NodeConfig,
-    result: StudyResult,
-    source: SourceLike,
-    decision: PriorityDecision,
-) -> tuple[list[Path], list[int]]:
-    """Render and write the outputs under ``export.outputs_dir`` and queue their export (the worker's one call)."""
-    from pe_triage_node.dicom.uids import validate_uid
-
-    # <outputs>/<source series UID>/, as the worker lays them out (a validated UID, never a raw value)
-    out_dir = cfg.resolve(cfg.export.outputs_dir) / validate_uid(result.series_instance_uid, "SeriesInstanceUID")
-    paths = write_outputs(result, source, decision, out_dir, uid_prefix=cfg.export.uid_prefix)
-    with Session(engine) as s, s.begin():
-        ids = enqueue_exports(s, cfg.export, paths, result=result, decision=decision)
-    return paths, ids
 
 
 # -- delivering ---------------------------------------------------------------

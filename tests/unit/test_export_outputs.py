@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -202,24 +201,3 @@ def test_image_library_lists_every_source_instance_once(written: list[Path], ser
     assert sorted(refs) == sorted(sources) and len(set(refs)) == len(refs)
     shared = {i.ConceptNameCodeSequence[0].CodeMeaning for i in group.ContentSequence if i.ValueType != "IMAGE"}
     assert {"Modality", "Frame of Reference UID", "Pixel Data Rows", "Horizontal Pixel Spacing"} <= shared
-
-
-def test_export_result_writes_under_outputs_dir_and_queues_per_destination(
-    result: StudyResult, series_dir: Path, tmp_path: Path, engine: Any
-) -> None:
-    from sqlalchemy.orm import Session
-
-    from pe_triage_node.config import NodeConfig
-    from pe_triage_node.export.exporter import export_result
-    from pe_triage_node.queue import get_job
-
-    dests = [{"name": n, "ae_title": "PACS", "host": "127.0.0.1", "port": 104} for n in ("pacs", "archive")]
-    cfg = NodeConfig(node={"var_dir": tmp_path}, export={"destinations": dests})
-    paths, ids = export_result(engine, cfg, result, series_dir, es.decision())
-    assert all(p.parent == tmp_path / "outputs" / result.series_instance_uid for p in paths)
-    assert len(ids) == 2
-    with Session(engine) as s:
-        job = get_job(s, ids[0])
-    assert job is not None and job.series_instance_uid == result.series_instance_uid and job.priority == 100
-    again_paths, again_ids = export_result(engine, cfg, result, series_dir, es.decision())
-    assert again_paths == paths and again_ids == ids  # a re-run while queued: same files, same jobs

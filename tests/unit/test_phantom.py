@@ -81,7 +81,6 @@ def test_defects_are_darker_than_the_enhanced_artery(seed: int) -> None:
     # the same study without its emboli: what the lumen looked like there
     bare = render_phantom(replace(ph.spec, emboli=()), keep_clean=True)
     assert bare.clean_hu is not None and not bare.pe_positive
-    blood = ph.spec.anatomy.hu_right_blood
     for k, e in enumerate(ph.emboli):
         own = ph.embolus_index == k + 1
         clot = ph.clean_hu[own]
