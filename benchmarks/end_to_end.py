@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/end_to_end.py [--slices 300] [--random-weights] [--device cpu]
 
 Generates a full-size phantom CTPA (512 x 512, central PE), starts the node as
-``pe-triage run`` (SQLite, its default timers: queue and export polls 1 s) with a
+``pe-triage run`` (SQLite, its default timers: queue and export polls 0.1 s) with a
 dcmtk ``storescp`` as its only destination, waits until the worker has loaded the
 model (a running node has), sends the series with one ``storescu`` association
 and measures, from the moment ``storescu`` got the last response, the time until
@@ -46,6 +46,7 @@ from sqlalchemy import func, select  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from pe_triage_node.db.models import Instance, Job, JobEvent, JobKind, Series, TriageResult  # noqa: E402
+from pe_triage_node.config import QueueSection  # noqa: E402
 from pe_triage_node.db.session import make_engine  # noqa: E402
 from tests import node_support, peers  # noqa: E402
 
@@ -74,8 +75,8 @@ def main() -> int:
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--random-weights", action="store_true", help="random weights even when the demo weights exist")
     ap.add_argument("--timeout", type=float, default=1800.0)
-    ap.add_argument("--poll-s", type=float, default=1.0,
-                    help="queue.poll_interval_s and export.poll_interval_s (the node's default: 1.0)")
+    ap.add_argument("--poll-s", type=float, default=QueueSection().poll_interval_s,
+                    help="queue.poll_interval_s and export.poll_interval_s (default: the node's own default)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, outputs)")
     args = ap.parse_args()
 

@@ -154,7 +154,7 @@ class QueueSection(_Section):
     lease_s: float = Field(120.0, gt=0)
     heartbeat_s: float = Field(15.0, gt=0)
     max_attempts: int = Field(3, ge=1)
-    poll_interval_s: float = Field(0.25, gt=0)
+    poll_interval_s: float = Field(0.1, gt=0)
     max_wait_s: float = Field(1800.0, gt=0)
 
     @model_validator(mode="after")
@@ -211,7 +211,7 @@ class ExportSection(_Section):
     max_attempts: int = Field(8, ge=1)
     backoff_base_s: float = Field(5.0, gt=0)
     backoff_cap_s: float = Field(600.0, gt=0)
-    poll_interval_s: float = Field(0.25, gt=0)
+    poll_interval_s: float = Field(0.1, gt=0)
     lease_s: float = Field(120.0, gt=0)
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)

@@ -31,6 +31,19 @@ log = logging.getLogger(__name__)
 SourceLike = Path | str | Sequence[Dataset]
 
 
+def warm_up() -> None:
+    """Load highdicom's tables of the standard (IODs, modules) now, not on the first study.
+
+    They are parsed from JSON once per process (about 0.6 s); a worker calls this at start-up.
+    """
+    from highdicom import _standard_utils as standard
+
+    for name in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
+        loader = getattr(standard, name, None)
+        if callable(loader):
+            loader()
+
+
 def load_source_series(source: SourceLike, series_instance_uid: str) -> list[Dataset]:
     """The datasets of ``series_instance_uid``: from a folder (searched recursively) or a given list.
 

@@ -464,6 +464,9 @@ def run_worker_service(cfg: NodeConfig, *, random_weights: bool = False) -> int:
     except WeightsError as exc:
         log.critical("worker cannot start: %s", exc)
         return EXIT_NO_WEIGHTS
+    from pe_triage_node.export.outputs import warm_up
+
+    warm_up()
     engine = make_engine(cfg.database_url, echo=cfg.database.echo)
     try:
         InferenceWorker(engine, cfg, analyser).run_forever(stop)
