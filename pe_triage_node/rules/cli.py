@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +19,9 @@ from pe_triage_node.rules.schema import RuleIssue, RuleSet, RulesError, parse_ru
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
+    from sqlalchemy.orm import Session
+
+    from pe_triage_node.db.models import RuleSetRecord
 
 
 def _load(file: Path | None) -> tuple[RuleSet, str, str]:
@@ -117,10 +120,28 @@ def _test(args: argparse.Namespace) -> int:
     return 0
 
 
-def _activate(args: argparse.Namespace) -> int:
+def _change_rules(args: argparse.Namespace, apply: Callable[[Session], RuleSetRecord], describe: Callable[[RuleSetRecord], str]) -> int:
+    """Apply one change of the active rules in its own transaction and print what it did."""
     from sqlalchemy.orm import Session
 
-    from pe_triage_node.rules.store import RuleChangeRefused, activate
+    from pe_triage_node.rules.store import RuleChangeRefused
+
+    try:
+        engine = _engine(args)
+        with Session(engine) as session, session.begin():
+            summary = describe(apply(session))
+        engine.dispose()
+    except (RulesError, RuleChangeRefused) as exc:
+        return _fail(exc)
+    except PETriageError as exc:
+        print(f"pe-triage rules: {exc}", file=sys.stderr)
+        return 1
+    print(summary)
+    return 0
+
+
+def _activate(args: argparse.Namespace) -> int:
+    from pe_triage_node.rules.store import activate
 
     try:
         text = args.file.read_text(encoding="utf-8")
@@ -131,42 +152,24 @@ def _activate(args: argparse.Namespace) -> int:
         parse_rules(text, str(args.file))
     except RulesError as exc:
         return _fail(exc)
-    try:
-        engine = _engine(args)
-        with Session(engine) as session, session.begin():
-            row = activate(session, text, args.author, args.comment)
-            summary = f"rule set {row.id} is now active (replaces {row.previous_source}), by {row.author}"
-        engine.dispose()
-    except (RulesError, RuleChangeRefused) as exc:
-        return _fail(exc)
-    except PETriageError as exc:
-        print(f"pe-triage rules: {exc}", file=sys.stderr)
-        return 1
-    print(summary)
-    return 0
+    return _change_rules(
+        args,
+        lambda session: activate(session, text, args.author, args.comment),
+        lambda row: f"rule set {row.id} is now active (replaces {row.previous_source}), by {row.author}",
+    )
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    from sqlalchemy.orm import Session
+    from pe_triage_node.rules.store import rollback
 
-    from pe_triage_node.rules.store import RuleChangeRefused, rollback
-
-    try:
-        engine = _engine(args)
-        with Session(engine) as session, session.begin():
-            row = rollback(session, args.rule_set_id, args.author, args.comment)
-            summary = (
-                f"rule set {row.id} is now active: the text of rule set {args.rule_set_id} "
-                f"(replaces {row.previous_source}), by {row.author}"
-            )
-        engine.dispose()
-    except (RulesError, RuleChangeRefused) as exc:
-        return _fail(exc)
-    except PETriageError as exc:
-        print(f"pe-triage rules: {exc}", file=sys.stderr)
-        return 1
-    print(summary)
-    return 0
+    return _change_rules(
+        args,
+        lambda session: rollback(session, args.rule_set_id, args.author, args.comment),
+        lambda row: (
+            f"rule set {row.id} is now active: the text of rule set {args.rule_set_id} "
+            f"(replaces {row.previous_source}), by {row.author}"
+        ),
+    )
 
 
 def _history(args: argparse.Namespace) -> int:

@@ -286,3 +286,10 @@ def test_cli_test_activate_history(engine: Engine, db_url: str, tmp_path: Path) 
     with Session(engine) as s:
         assert [c.author for c in history(s)] == ["dr who"]
         assert active_rules(s) == load_rules(new)
+        first_id = history(s)[0].rule_set_id
+
+    res = _cli(["rollback", str(first_id), "--author", "admin", "--comment", "undo"], tmp_path, db_url)
+    assert res.returncode == 0, res.stderr
+    assert f"the text of rule set {first_id}" in res.stdout and "by admin" in res.stdout
+    res = _cli(["rollback", "999", "--author", "admin", "--comment", "undo"], tmp_path, db_url)
+    assert res.returncode == 2
