@@ -38,6 +38,16 @@ def _check_ae(value: str) -> str:
     return value.strip()
 
 
+def check_regex(value: str | None) -> str | None:
+    """A pydantic check: ``value`` compiles as a Python regular expression (or is unset)."""
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {value!r}: {exc}") from exc
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -133,12 +143,7 @@ class SelectionSection(_Section):
     )
     @classmethod
     def _regex(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as exc:
-                raise ValueError(f"invalid regular expression {v!r}: {exc}") from exc
-        return v
+        return check_regex(v)
 
 
 class InferenceSection(_Section):

@@ -39,6 +39,7 @@ from pydantic import (
     model_validator,
 )
 
+from pe_triage_node.config import check_regex
 from pe_triage_node.errors import PETriageError
 from pe_triage_node.inference.labels import PE_SPECIFIC, STUDY_LABELS, WINDOW_LABEL
 
@@ -274,12 +275,7 @@ class AttributeCondition(_Node):
     @field_validator("matches")
     @classmethod
     def _regex(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as exc:
-                raise ValueError(f"invalid regular expression {v!r}: {exc}") from exc
-        return v
+        return check_regex(v)
 
     @model_validator(mode="after")
     def _one_test(self) -> AttributeCondition:
