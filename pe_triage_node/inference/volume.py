@@ -52,6 +52,7 @@ class CTVolume:
     slice_thickness: float | None = None
     flipped_y: bool = False  # image rows were reversed to make y run posterior
     flipped_x: bool = False  # image columns were reversed to make x run to the patient's left
+    datasets: list[pydicom.Dataset] = field(default_factory=list, repr=False)  # in z order; only with keep_datasets
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -120,6 +121,7 @@ def load_ct_volume(
     *,
     max_tilt_deg: float = 2.0,
     min_slices: int = WINDOW_SLICES,
+    keep_datasets: bool = False,
 ) -> CTVolume:
     """Read every DICOM file directly in ``dicom_dir`` as one CT series.
 
@@ -129,6 +131,9 @@ def load_ct_volume(
     ``max_tilt_deg``, missing positions, duplicate positions, gaps
     (missing slices), differing matrix or pixel spacing, fewer slices than
     ``min_slices`` (one phase-1 window by default).
+    ``keep_datasets``: keep the slices' datasets, pixel data included, in
+    ``CTVolume.datasets`` (the worker renders its outputs from them without
+    reading the files again); otherwise the encoded pixel data is freed as it is decoded.
     """
     dicom_dir = Path(dicom_dir)
     if not dicom_dir.is_dir():
@@ -194,7 +199,8 @@ def load_ct_volume(
             pixels = ds.pixel_array
         except Exception as exc:  # decoder errors come in many types
             raise VolumeRejected(f"pixel data cannot be decoded ({type(exc).__name__})") from exc
-        del ds.PixelData  # free the encoded bytes as we go
+        if not keep_datasets:
+            del ds.PixelData  # free the encoded bytes as we go
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         hu[i] = pixels.astype(np.float32) * slope + intercept
@@ -218,4 +224,5 @@ def load_ct_volume(
         slice_thickness=thickness,
         flipped_y=bool(col_cos[1] < 0),
         flipped_x=bool(row_cos[0] < 0),
+        datasets=[h.dataset for h in headers] if keep_datasets else [],
     )

@@ -37,7 +37,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -49,6 +49,7 @@ from sqlalchemy.orm import Session
 from pe_triage_node.config import NodeConfig
 from pe_triage_node.db.models import Instance, JobKind, Rejection, Series, SeriesState, TriageResult
 from pe_triage_node.errors import VolumeRejected
+from pe_triage_node.inference.volume import load_ct_volume
 from pe_triage_node.queue import ClaimedJob, backoff_delay, claim, complete, fail, heartbeat, worker_identity
 
 if TYPE_CHECKING:  # torch only where the engine is built
@@ -249,7 +250,12 @@ class InferenceWorker:
             attributes = stored_attributes(current.files[0])
             t_inf = time.perf_counter()
             self._stage(job, "inference")
-            result = self.analyser.analyse(folder)
+            # Loaded here, not by analyse(), so that the outputs are rendered from the same datasets.
+            volume = load_ct_volume(folder, max_tilt_deg=self.analyser.max_tilt_deg, keep_datasets=True)
+            load_s = time.perf_counter() - t_inf
+            result = self.analyser.analyse(volume)
+            result.timings_s["load"] = round(load_s, 4)
+            result.timings_s["total"] = round(result.timings_s["total"] + load_s, 4)
             inference_s = time.perf_counter() - t_inf
             lease.check()
             if result.series_instance_uid != current.series_instance_uid:
@@ -257,8 +263,9 @@ class InferenceWorker:
             decision, rule_set_id, labels, probabilities = self._decide(result, attributes)
             self._stage(job, "render")
             t_render = time.perf_counter()
-            paths = self._write_outputs(result, folder, decision)
+            paths = self._write_outputs(result, volume.datasets, decision)
             render_s = time.perf_counter() - t_render
+            del volume
         lease.check()
         timings = dict(result.timings_s)
         timings.update(
@@ -320,7 +327,7 @@ class InferenceWorker:
         decision = priority_for(Findings(labels, probabilities), attributes, active.rules)
         return decision, active.rule_set_id, labels, probabilities
 
-    def _write_outputs(self, result: StudyResult, source: Path, decision: PriorityDecision) -> list[Path]:
+    def _write_outputs(self, result: StudyResult, source: Sequence[Dataset], decision: PriorityDecision) -> list[Path]:
         """SR and SCs as DICOM files (and PNGs) under ``<outputs>/<source series uid>/``; stale files removed."""
         from pe_triage_node.dicom.uids import validate_uid
         from pe_triage_node.export.outputs import output_filename, render_outputs, save_atomically
