@@ -13,6 +13,10 @@ fsync; Orthanc uses its defaults; the node keeps its durability guarantee
 each 0x0000). With --repeat N the best of N runs is reported per mode. Each run also reports
 the CPU time the receiver's process tree used per image (user+system, /proc),
 which stays meaningful when other work shares the CPUs (wall-clock rates do not).
+Two more references from the same run bound what the node can reach: stock
+pynetdicom with a C-STORE handler that does nothing (``benchmarks/noop_scp.py``),
+and the node's durable write alone (``Spool.write`` of each file in turn, no
+network): on one association every 0x0000 waits for that write.
 The last line is one JSON object with all figures.
 """
 
@@ -141,15 +145,39 @@ def measure(
     }
 
 
+def durable_write_floor(files: list[Path], work: Path) -> float:
+    """Images/s of the node's own durable write alone (``Spool.write``: temp file, fdatasync,
+    rename, directory fsync), one file after the other: what one association can reach at
+    best when each 0x0000 waits for the disk, with no network, parsing or database at all."""
+    from pe_triage_node.dicom.spool import Spool
+
+    spool = Spool(work / "floor")
+    blobs = [f.read_bytes() for f in files]
+    t = time.perf_counter()
+    for i, blob in enumerate(blobs):
+        spool.write(f"1.2.3/1.2.3.4/1.2.3.4.{i + 1}.dcm", (blob,))
+    dt = time.perf_counter() - t
+    shutil.rmtree(work / "floor", ignore_errors=True)
+    return len(files) / dt
+
+
+def start_noop_scp(d: Path, port: int) -> subprocess.Popen[bytes]:
+    d.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "noop_scp.py"), str(port), "PETRIAGE"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peers.wait_for_port(port, proc=proc)
+    return proc
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--processes", type=int, default=2, help="node receiving processes (SO_REUSEPORT)")
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--only", choices=["storescp", "orthanc", "node"], action="append")
+    ap.add_argument("--only", choices=["storescp", "orthanc", "pynetdicom-noop", "node"], action="append")
     args = ap.parse_args()
-    only = set(args.only or ["storescp", "orthanc", "node"])
+    only = set(args.only or ["storescp", "orthanc", "pynetdicom-noop", "node"])
 
     load_at_start = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-", dir=os.environ.get("BENCH_TMP")))
@@ -180,6 +208,10 @@ def main() -> int:
                 work,
                 args.repeat,
             )
+        if "pynetdicom-noop" in only:
+            results["pynetdicom_noop"] = measure(
+                "pynetdicom-noop", start_noop_scp, peers.stop_process, files, "PETRIAGE", work, args.repeat
+            )
         if "node" in only:
 
             def start_node(d: Path, port: int) -> subprocess.Popen[bytes]:
@@ -193,6 +225,8 @@ def main() -> int:
                 peers.stop_process(proc)
 
             results["node"] = measure("node", start_node, stop_node, files, "PETRIAGE", work, args.repeat)
+        floor = durable_write_floor(files, work)
+        print(f"  durable write alone (Spool.write, one file after the other): {floor:7.1f} images/s", flush=True)
 
         summary: dict[str, Any] = {
             "benchmark": "ingest",
@@ -206,6 +240,7 @@ def main() -> int:
             "load_average_at_start": round(load_at_start, 2),
             "python": platform.python_version(),
             "images_per_s": results,
+            "durable_write_only_images_per_s": round(floor, 1),
         }
         if "node" in results and "storescp" in results:
             for mode in ("one_association", "four_associations"):
@@ -213,8 +248,13 @@ def main() -> int:
         if "node" in results and "orthanc" in results:
             for mode in ("one_association", "four_associations"):
                 summary[f"node_vs_orthanc_{mode}"] = round(results["node"][mode] / results["orthanc"][mode], 3)
+        if "storescp" in results:
+            summary["durable_write_only_vs_storescp_one_association"] = round(floor / results["storescp"]["one_association"], 3)
+        if "pynetdicom_noop" in results and "storescp" in results:
+            for mode in ("one_association", "four_associations"):
+                summary[f"pynetdicom_noop_vs_storescp_{mode}"] = round(results["pynetdicom_noop"][mode] / results["storescp"][mode], 3)
         for key, value in summary.items():
-            if key.startswith("node_vs"):
+            if key.startswith(("node_vs", "durable_write_only_vs", "pynetdicom_noop_vs")):
                 print(f"{key}: {value}")
         print(json.dumps(summary))
         return 0
