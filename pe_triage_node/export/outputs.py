@@ -21,7 +21,7 @@ from pydicom.errors import InvalidDicomError
 
 from pe_triage_node.errors import InputRejected
 from pe_triage_node.export import identity
-from pe_triage_node.export.sc import build_gradcam_sc, build_summary_sc
+from pe_triage_node.export.sc import SliceHU, build_gradcam_sc, build_summary_sc, hu_image
 from pe_triage_node.export.sr import build_sr
 from pe_triage_node.inference.result import StudyResult
 from pe_triage_node.rules import PriorityDecision
@@ -76,24 +76,28 @@ def render_outputs(
     institution_name: str | None = None,
     gradcam: bool = True,
     summary: bool = True,
+    hu_of: SliceHU = hu_image,
 ) -> list[Dataset]:
     """The SR (first), the summary SC and one Grad-CAM SC per map, for one result.
 
-    ``source``: the analysed series (a folder or its datasets, with pixel data for the SCs).
+    ``source``: the analysed series (a folder or its datasets). The SCs take each
+    slice's HU from ``hu_of``: by default decoded from the dataset's pixel data;
+    the worker passes the loaded volume's (:meth:`CTVolume.slice_hu`), so that
+    its datasets need no pixel data.
     """
     datasets = load_source_series(source, result.series_instance_uid)
     by_sop = {ds.SOPInstanceUID: ds for ds in datasets}
     uids = identity.OutputUIDs(result.series_instance_uid, result.model_version, uid_prefix)
     out: list[Dataset] = [build_sr(result, decision, datasets, prefix=uid_prefix, institution_name=institution_name)]
     if summary:
-        out.append(build_summary_sc(result, decision, datasets, uids))
+        out.append(build_summary_sc(result, decision, datasets, uids, hu_of))
     if gradcam:
         for index, gc in enumerate(result.gradcam):
             src = by_sop.get(gc.sop_instance_uid)
             if src is None:
                 log.warning("grad-cam %d: source slice not in the series given, skipped series=%s", index, result.series_instance_uid)
                 continue
-            out.append(build_gradcam_sc(result, decision, gc, index, src, uids))
+            out.append(build_gradcam_sc(result, decision, gc, index, src, uids, hu_of))
     log.info("rendered %d output objects series=%s priority=%s", len(out), result.series_instance_uid, decision.priority.value)
     return out
 

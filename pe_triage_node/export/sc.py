@@ -16,7 +16,7 @@ font (no download).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -54,6 +54,11 @@ def hu_image(ds: Dataset) -> np.ndarray:
     """Stored values x RescaleSlope + RescaleIntercept (PS3.3 C.11.1.1.2), as float32."""
     arr = ds.pixel_array.astype(np.float32)
     return arr * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
+
+
+#: The HU image of one source slice, rows and columns as stored: :func:`hu_image` decodes
+#: the dataset's pixel data; the worker passes :meth:`CTVolume.slice_hu` (already decoded).
+SliceHU = Callable[[Dataset], np.ndarray]
 
 
 def window_u8(hu: np.ndarray, bounds: tuple[float, float] = PE_WINDOW) -> np.ndarray:
@@ -137,10 +142,12 @@ def _scaled(img: Image.Image, min_side: int = MIN_SIDE) -> tuple[Image.Image, fl
 # -- the images ---------------------------------------------------------------
 
 
-def render_gradcam_overlay(result: StudyResult, gc: GradCamMap, source: Dataset, decision: PriorityDecision) -> np.ndarray:
+def render_gradcam_overlay(
+    result: StudyResult, gc: GradCamMap, source: Dataset, decision: PriorityDecision, hu_of: SliceHU = hu_image
+) -> np.ndarray:
     """RGB (rows, cols, 3) uint8: one Grad-CAM overlay with its text bands."""
     row_cos, col_cos = _orientation(source)
-    hu = hu_image(source)
+    hu = hu_of(source)
     rows, cols = hu.shape
     cam = cam_on_slice(gc, result, rows, cols, flipped_y=bool(col_cos[1] < 0), flipped_x=bool(row_cos[0] < 0))
     img, scale = _scaled(Image.fromarray(blend_heat(window_u8(hu), cam), "RGB"))
@@ -207,7 +214,7 @@ def sort_along_normal(datasets: Sequence[Dataset]) -> list[Dataset]:
     return sorted(datasets, key=lambda ds: float(np.dot([float(v) for v in getattr(ds, "ImagePositionPatient", [0, 0, 0])], normal)))
 
 
-def coronal_slab(datasets: Sequence[Dataset], slab_mm: float = 10.0) -> CoronalSlab:
+def coronal_slab(datasets: Sequence[Dataset], slab_mm: float = 10.0, hu_of: SliceHU = hu_image) -> CoronalSlab:
     """The mid-chest coronal slab of the series (datasets with pixel data)."""
     ordered = sort_along_normal(datasets)
     row_cos, col_cos = _orientation(ordered[0])
@@ -218,7 +225,7 @@ def coronal_slab(datasets: Sequence[Dataset], slab_mm: float = 10.0) -> CoronalS
     rows = int(ordered[0].Rows)
     half = max(1, round(slab_mm / 2 / ps[0]))
     lo, hi = max(0, rows // 2 - half), rows // 2 + half + 1
-    hu = np.stack([hu_image(ds)[lo:hi].mean(axis=0) for ds in ordered])
+    hu = np.stack([hu_of(ds)[lo:hi].mean(axis=0) for ds in ordered])
     return CoronalSlab(hu, abs(spacing) or 1.0, (ps[0], ps[1]), bool(row_cos[0] < 0))
 
 
@@ -350,11 +357,17 @@ def _sc(
 
 
 def build_gradcam_sc(
-    result: StudyResult, decision: PriorityDecision, gc: GradCamMap, index: int, source: Dataset, uids: identity.OutputUIDs
+    result: StudyResult,
+    decision: PriorityDecision,
+    gc: GradCamMap,
+    index: int,
+    source: Dataset,
+    uids: identity.OutputUIDs,
+    hu_of: SliceHU = hu_image,
 ) -> hd.sc.SCImage:
-    """The ``index``-th Grad-CAM overlay as an SC instance (``source``: the slice, with pixel data)."""
+    """The ``index``-th Grad-CAM overlay as an SC instance (``source``: the slice; its HU from ``hu_of``)."""
     row_cos, col_cos = _orientation(source)
-    pixels = render_gradcam_overlay(result, gc, source, decision)
+    pixels = render_gradcam_overlay(result, gc, source, decision, hu_of)
     return _sc(
         source,
         pixels,
@@ -370,10 +383,14 @@ def build_gradcam_sc(
 
 
 def build_summary_sc(
-    result: StudyResult, decision: PriorityDecision, datasets: Sequence[Dataset], uids: identity.OutputUIDs
+    result: StudyResult,
+    decision: PriorityDecision,
+    datasets: Sequence[Dataset],
+    uids: identity.OutputUIDs,
+    hu_of: SliceHU = hu_image,
 ) -> hd.sc.SCImage:
-    """The one-glance summary as an SC instance (``datasets``: the series, with pixel data)."""
-    pixels = render_summary(result, decision, coronal_slab(datasets))
+    """The one-glance summary as an SC instance (``datasets``: the series; their HU from ``hu_of``)."""
+    pixels = render_summary(result, decision, coronal_slab(datasets, hu_of=hu_of))
     return _sc(
         datasets[0],
         pixels,

@@ -10,6 +10,7 @@ Anything that cannot become one regular axial CT volume raises
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -52,7 +53,20 @@ class CTVolume:
     slice_thickness: float | None = None
     flipped_y: bool = False  # image rows were reversed to make y run posterior
     flipped_x: bool = False  # image columns were reversed to make x run to the patient's left
-    datasets: list[pydicom.Dataset] = field(default_factory=list, repr=False)  # in z order; only with keep_datasets
+    datasets: list[pydicom.Dataset] = field(default_factory=list, repr=False)  # headers in z order; only with keep_datasets
+
+    @functools.cached_property
+    def _z_of_sop(self) -> dict[str, int]:
+        return {uid: z for z, uid in enumerate(self.sop_instance_uids)}
+
+    def slice_hu(self, ds: pydicom.Dataset) -> np.ndarray:
+        """The HU image of one of this series' slices, rows and columns as stored (a view of ``hu``)."""
+        image = self.hu[self._z_of_sop[str(ds.SOPInstanceUID)]]
+        if self.flipped_y:
+            image = image[::-1, :]
+        if self.flipped_x:
+            image = image[:, ::-1]
+        return image
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -131,9 +145,8 @@ def load_ct_volume(
     ``max_tilt_deg``, missing positions, duplicate positions, gaps
     (missing slices), differing matrix or pixel spacing, fewer slices than
     ``min_slices`` (one phase-1 window by default).
-    ``keep_datasets``: keep the slices' datasets, pixel data included, in
-    ``CTVolume.datasets`` (the worker renders its outputs from them without
-    reading the files again); otherwise the encoded pixel data is freed as it is decoded.
+    ``keep_datasets``: keep the slices' headers (the datasets less their pixel
+    data) in ``CTVolume.datasets``, for outputs rendered without reading the files again.
     """
     dicom_dir = Path(dicom_dir)
     if not dicom_dir.is_dir():
@@ -199,8 +212,7 @@ def load_ct_volume(
             pixels = ds.pixel_array
         except Exception as exc:  # decoder errors come in many types
             raise VolumeRejected(f"pixel data cannot be decoded ({type(exc).__name__})") from exc
-        if not keep_datasets:
-            del ds.PixelData  # free the encoded bytes as we go
+        del ds.PixelData  # free the encoded bytes as we go
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         hu[i] = pixels.astype(np.float32) * slope + intercept

@@ -37,7 +37,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -49,7 +49,7 @@ from sqlalchemy.orm import Session
 from pe_triage_node.config import NodeConfig
 from pe_triage_node.db.models import Instance, JobKind, Rejection, Series, SeriesState, TriageResult
 from pe_triage_node.errors import VolumeRejected
-from pe_triage_node.inference.volume import load_ct_volume
+from pe_triage_node.inference.volume import CTVolume, load_ct_volume
 from pe_triage_node.queue import ClaimedJob, backoff_delay, claim, complete, fail, heartbeat, worker_identity
 
 if TYPE_CHECKING:  # torch only where the engine is built
@@ -250,7 +250,7 @@ class InferenceWorker:
             attributes = stored_attributes(current.files[0])
             t_inf = time.perf_counter()
             self._stage(job, "inference")
-            # Loaded here, not by analyse(), so that the outputs are rendered from the same datasets.
+            # Loaded here, not by analyse(), so that the outputs are rendered from the same headers and HU.
             volume = load_ct_volume(folder, max_tilt_deg=self.analyser.max_tilt_deg, keep_datasets=True)
             load_s = time.perf_counter() - t_inf
             result = self.analyser.analyse(volume)
@@ -263,7 +263,7 @@ class InferenceWorker:
             decision, rule_set_id, labels, probabilities = self._decide(result, attributes)
             self._stage(job, "render")
             t_render = time.perf_counter()
-            paths = self._write_outputs(result, volume.datasets, decision)
+            paths = self._write_outputs(result, volume, decision)
             render_s = time.perf_counter() - t_render
             del volume
         lease.check()
@@ -327,14 +327,14 @@ class InferenceWorker:
         decision = priority_for(Findings(labels, probabilities), attributes, active.rules)
         return decision, active.rule_set_id, labels, probabilities
 
-    def _write_outputs(self, result: StudyResult, source: Sequence[Dataset], decision: PriorityDecision) -> list[Path]:
+    def _write_outputs(self, result: StudyResult, volume: CTVolume, decision: PriorityDecision) -> list[Path]:
         """SR and SCs as DICOM files (and PNGs) under ``<outputs>/<source series uid>/``; stale files removed."""
         from pe_triage_node.dicom.uids import validate_uid
         from pe_triage_node.export.outputs import output_filename, render_outputs, save_atomically
 
         out_dir = self.outputs_root / validate_uid(result.series_instance_uid, "SeriesInstanceUID")
         out_dir.mkdir(parents=True, exist_ok=True)
-        datasets = render_outputs(result, source, decision, uid_prefix=self.cfg.export.uid_prefix)
+        datasets = render_outputs(result, volume.datasets, decision, uid_prefix=self.cfg.export.uid_prefix, hu_of=volume.slice_hu)
         paths = []
         for ds in datasets:
             path = out_dir / output_filename(ds)

@@ -60,6 +60,25 @@ def test_reversed_axes_are_made_canonical(tmp_path: Path) -> None:
     assert vol.hu[0, -1, 5] == 1 and vol.hu[0, 5, -1] == 2
 
 
+@pytest.mark.parametrize("orientation", [[1, 0, 0, 0, 1, 0], [-1, 0, 0, 0, -1, 0], [1, 0, 0, 0, -1, 0]])
+def test_kept_headers_and_slice_hu_as_stored(tmp_path: Path, orientation: list[int]) -> None:
+    """What the worker renders its outputs from: the headers without pixel data, each slice's HU as the file holds it."""
+    from pe_triage_node.export.sc import hu_image
+
+    v = _ramp()
+    v[:, 0, :] += 1
+    v[:, :, 0] += 2
+    paths = write_ct_series(v, tmp_path, extra={"ImageOrientationPatient": orientation})
+    vol = load_ct_volume(tmp_path, keep_datasets=True)
+    assert [ds.SOPInstanceUID for ds in vol.datasets] == vol.sop_instance_uids
+    assert all("PixelData" not in ds for ds in vol.datasets)
+    for path in (paths[0], paths[7]):
+        stored = pydicom.dcmread(path)
+        header = next(ds for ds in vol.datasets if ds.SOPInstanceUID == stored.SOPInstanceUID)
+        np.testing.assert_array_equal(vol.slice_hu(header), hu_image(stored))
+    assert load_ct_volume(tmp_path).datasets == []
+
+
 def test_compressed_transfer_syntax(tmp_path: Path) -> None:
     for p in write_ct_series(_ramp(), tmp_path):
         ds = pydicom.dcmread(p)
