@@ -474,6 +474,10 @@ def run_worker_service(cfg: NodeConfig, *, random_weights: bool = False) -> int:
     from pe_triage_node.export.outputs import warm_up
 
     warm_up()
+    try:
+        log.info("model warmed up on a synthetic chest in %.2f s", analyser.warm_up())
+    except Exception:  # noqa: BLE001 - a failed warm-up costs the first study time, nothing more
+        log.warning("model warm-up failed; the first study pays for it", exc_info=True)
     engine = make_engine(cfg.database_url, echo=cfg.database.echo)
     try:
         InferenceWorker(engine, cfg, analyser).run_forever(stop)

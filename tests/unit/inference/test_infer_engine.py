@@ -73,6 +73,14 @@ def test_deterministic(engine: InferenceEngine, result: StudyResult, small_serie
     assert again.attention == result.attention
 
 
+def test_warm_up_leaves_results_unchanged(engine: InferenceEngine, result: StudyResult, small_series: Path) -> None:
+    """The worker's start-up pass over a synthetic chest: it runs the whole pipeline and changes nothing."""
+    assert engine.warm_up(slices=12, matrix=96) > 0
+    again = engine.analyse(small_series)
+    assert again.probabilities == result.probabilities
+    assert again.window_probabilities == result.window_probabilities
+
+
 def test_bf16_agrees_with_fp32(small_series: Path, result: StudyResult) -> None:
     if not cpu_has_native_bf16():
         pytest.skip("this CPU has no native bf16 (avx512_bf16/amx): auto precision stays fp32")
