@@ -129,13 +129,10 @@ def _attribute_text(value: Any) -> str:
     return str(value)
 
 
-def stored_attributes(path: Path) -> dict[str, str]:
+def stored_attributes(ds: Dataset) -> dict[str, str]:
     """The attributes the rules read (``STORED_ATTRIBUTES``) from one instance's header."""
-    import pydicom
-
     from pe_triage_node.rules import STORED_ATTRIBUTES
 
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
     out: dict[str, str] = {}
     for keyword in STORED_ATTRIBUTES:
         value = ds.get(keyword)
@@ -247,12 +244,12 @@ class InferenceWorker:
             folder = Path(tmp)
             for i, path in enumerate(current.files):
                 os.symlink(path, folder / f"{i:06d}.dcm")
-            attributes = stored_attributes(current.files[0])
             t_inf = time.perf_counter()
             self._stage(job, "inference")
-            # Loaded here, not by analyse(), so that the outputs are rendered from the same headers and HU.
+            # Loaded here, not by analyse(), so that the rules and the outputs read the same headers and HU.
             volume = load_ct_volume(folder, max_tilt_deg=self.analyser.max_tilt_deg, keep_datasets=True)
             load_s = time.perf_counter() - t_inf
+            attributes = stored_attributes(volume.datasets[0])
             result = self.analyser.analyse(volume)
             result.timings_s["load"] = round(load_s, 4)
             result.timings_s["total"] = round(result.timings_s["total"] + load_s, 4)
