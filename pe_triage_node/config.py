@@ -2,8 +2,11 @@
 
 Precedence (highest first): environment variables ``PETRIAGE_<SECTION>__<KEY>``
 (e.g. ``PETRIAGE_RECEIVER__PORT=11113``), the TOML file, built-in defaults.
-Relative paths are resolved against ``node.var_dir`` (itself relative to the
-working directory), so the built-in defaults keep all state under ``./var/``.
+Every path is made absolute once, when the configuration is loaded: state
+paths (spool, outputs, the SQLite database) relative ones under ``node.var_dir``,
+``node.var_dir`` and file paths (TLS, weights) relative ones against the working
+directory of the process that loaded it. So the built-in defaults keep all state
+under ``./var/``, and nothing later depends on the current directory.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ class SelectionSection(_Section):
     )
     image_type_required: list[str] = Field(default_factory=lambda: ["ORIGINAL", "AXIAL"])
     min_slices: int = Field(30, ge=1)
-    max_slice_thickness_mm: float = Field(8.0, gt=0)
+    max_slice_thickness_mm: float = Field(3.0, gt=0)
     series_description_include: str | None = None
     series_description_exclude: str | None = r"(?i)\b(scout|topogram|localizer|dose|mip|mpr|lung)\b"
     study_description_include: str | None = None
@@ -153,6 +156,7 @@ class InferenceSection(_Section):
     lungmask_weights: Path | None = None
     batch_size: int = Field(8, ge=1, le=256)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    require_contrast: bool = True
 
 
 class QueueSection(_Section):
@@ -285,10 +289,29 @@ class NodeConfig(BaseSettings):
         # Environment beats the file (passed as init kwargs); init beats defaults.
         return (env_settings, init_settings)
 
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> NodeConfig:
+        """Make every configured path absolute, once (see the module docstring)."""
+        cwd = Path.cwd()
+        self.node.var_dir = _absolute(self.node.var_dir, cwd)
+        self.spool.path = _absolute(self.spool.path, self.node.var_dir)
+        self.export.outputs_dir = _absolute(self.export.outputs_dir, self.node.var_dir)
+        url = self.database.url.get_secret_value()
+        if url.startswith("sqlite:///") and "{var_dir}" not in url:
+            db = url.removeprefix("sqlite:///")
+            if db and db != ":memory:" and not db.startswith("/"):
+                self.database.url = SecretStr("sqlite:///" + str(_absolute(Path(db), cwd)))
+        files: list[BaseModel] = [self.receiver.tls, self.inference, *self.export.destinations]
+        for section in files:
+            for name, value in vars(section).items():
+                if isinstance(value, Path):
+                    setattr(section, name, _absolute(value, cwd))
+        return self
+
     # -- resolved paths -------------------------------------------------
     def resolve(self, path: Path) -> Path:
         """A configured path, relative ones taken under ``node.var_dir``."""
-        return path if path.is_absolute() else (self.node.var_dir / path)
+        return _absolute(path, self.node.var_dir)
 
     @property
     def spool_dir(self) -> Path:
@@ -303,6 +326,11 @@ class NodeConfig(BaseSettings):
         data = self.model_dump(mode="json")
         data["database"]["url"] = _mask_url(self.database_url)
         return data
+
+
+def _absolute(path: Path, base: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else base / path
 
 
 def _mask_url(url: str) -> str:

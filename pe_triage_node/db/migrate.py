@@ -30,9 +30,9 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
-import pe_triage_node
 from pe_triage_node.db.session import make_engine
 from pe_triage_node.errors import PETriageError
+from pe_triage_node.resources import migrations_dir
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +48,16 @@ class MigrationError(PETriageError):
 
 
 def script_location() -> Path:
-    """The Alembic environment: the ``db/`` folder next to the installed package.
+    """The Alembic environment: the repository's ``db/`` folder, installed as ``pe_triage_node.migrations``.
 
-    Raises :class:`MigrationError` when it is missing (e.g. a wheel install
-    without the repository's ``db/`` folder).
+    Raises :class:`MigrationError` when it is incomplete.
     """
-    location = Path(pe_triage_node.__file__).resolve().parents[1] / "db"
+    try:
+        location = migrations_dir()
+    except ModuleNotFoundError as exc:
+        raise MigrationError(f"Alembic migrations not installed with the package ({exc})") from exc
     if not (location / "env.py").is_file() or not (location / "versions").is_dir():
-        raise MigrationError(
-            f"Alembic migrations not found at {location} (expected env.py and versions/); "
-            "run pe-triage from a checkout or an editable install of the repository"
-        )
+        raise MigrationError(f"Alembic migrations incomplete at {location} (expected env.py and versions/)")
     return location
 
 

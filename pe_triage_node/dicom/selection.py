@@ -234,6 +234,11 @@ def check_series(c: SeriesCandidate, rules: SelectionSection) -> str | None:
     if c.ignored:
         sop = _sop_name(c.sop_class_uid) if c.sop_class_uid else "unknown SOP class"
         return f"not an image series the node analyses: {sop}, recorded as ignored on receipt"
+    reason = _failed_rule(c, rules)
+    return None if reason is None else f"not a CTPA: {reason}"
+
+
+def _failed_rule(c: SeriesCandidate, rules: SelectionSection) -> str | None:
     modalities = [m.upper() for m in rules.modalities]
     if (c.modality or "").upper() not in modalities:
         return f"modality {c.modality or '(none)'} is not one of {', '.join(modalities)}"

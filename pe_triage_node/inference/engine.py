@@ -37,6 +37,7 @@ from pe_triage_node.inference.networks import fit_sequence, fold_batchnorm, unfi
 from pe_triage_node.inference.preprocess import LungmaskBox, PreparedStudy, describe_box, find_lungmask_weights, prepare_study
 from pe_triage_node.inference.result import GradCamMap, StudyResult, WindowSpan, summarise_map
 from pe_triage_node.inference.volume import WINDOW_SLICES, CTVolume, load_ct_volume
+from pe_triage_node.inference.contrast import require_contrast
 from pe_triage_node.inference.weights import LoadedModel, default_manifest_path, load_weights, random_model
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class InferenceEngine:
         gradcam_windows: int = 3,
         channels_last: bool = True,
         max_tilt_deg: float = 2.0,
+        require_contrast: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -110,6 +112,7 @@ class InferenceEngine:
         self.gradcam_windows = gradcam_windows
         self.channels_last = channels_last
         self.max_tilt_deg = max_tilt_deg
+        self.require_contrast = require_contrast
         self.input_size = model.manifest.input_size
         # Phase 1 runs a copy with BatchNorm folded into the convolutions. On a CPU in bf16
         # its weights are cast to bf16 (no per-call autocast casts); on CUDA AMP autocast.
@@ -157,6 +160,7 @@ class InferenceEngine:
         device: str | None = None,
         random_weights: bool = False,
         repo_root: Path | None = None,
+        require_contrast: bool | None = None,
     ) -> InferenceEngine:
         """Build from ``[inference]``: the manifest given here, else the configured one, else
         ``models/demo/manifest.json``; ``random_weights`` only for smoke tests (output meaningless)."""
@@ -177,6 +181,7 @@ class InferenceEngine:
             batch_size=section.batch_size,
             lung_crop=section.lung_crop,
             lungmask_weights=section.lungmask_weights,
+            require_contrast=section.require_contrast if require_contrast is None else require_contrast,
         )
 
     def warm_up(self, slices: int = 3 * WINDOW_SLICES, matrix: int = 512) -> float:
@@ -229,7 +234,8 @@ class InferenceEngine:
     def analyse(self, source: Path | str | CTVolume) -> StudyResult:
         """Analyse one series (a folder of its DICOM files, or an already loaded volume).
 
-        Raises :class:`~pe_triage_node.errors.VolumeRejected` for series that are not a usable CT volume.
+        Raises :class:`~pe_triage_node.errors.VolumeRejected` for series that are not a usable CT volume,
+        and, with ``require_contrast``, for series that are not contrast-enhanced (:mod:`.contrast`).
         """
         timings: dict[str, float] = {}
         t_start = t = time.perf_counter()
@@ -241,6 +247,8 @@ class InferenceEngine:
             t = now
 
         volume = source if isinstance(source, CTVolume) else load_ct_volume(Path(source), max_tilt_deg=self.max_tilt_deg)
+        if self.require_contrast:
+            require_contrast(volume, volume.contrast_bolus_agent)
         lap("load")
         prepared = prepare_study(volume, device=self.device, input_size=self.input_size, lungmask=self.lungmask)
         lap("preprocess")

@@ -51,6 +51,7 @@ class CTVolume:
     series_instance_uid: str = ""
     study_instance_uid: str = ""
     slice_thickness: float | None = None
+    contrast_bolus_agent: str = ""  # (0018,0010) of the first slice; empty when not sent
     flipped_y: bool = False  # image rows were reversed to make y run posterior
     flipped_x: bool = False  # image columns were reversed to make x run to the patient's left
     datasets: list[pydicom.Dataset] = field(default_factory=list, repr=False)  # headers in z order; only with keep_datasets
@@ -198,7 +199,7 @@ def load_ct_volume(
     n, ny, nx = len(headers), ref.rows, ref.columns
     hu = np.empty((n, ny, nx), dtype=np.float32)
     thickness: float | None = None
-    series_uid = study_uid = ""
+    series_uid = study_uid = agent = ""
     for i, h in enumerate(headers):
         ds = h.dataset
         if i == 0:
@@ -206,6 +207,7 @@ def load_ct_volume(
             study_uid = str(ds.get("StudyInstanceUID", ""))
             st = ds.get("SliceThickness")
             thickness = float(st) if st not in (None, "") else None
+            agent = str(ds.get("ContrastBolusAgent", "") or "")
         elif str(ds.get("SeriesInstanceUID", "")) != series_uid:
             raise VolumeRejected("files of more than one series in the folder")
         try:
@@ -234,6 +236,7 @@ def load_ct_volume(
         series_instance_uid=series_uid,
         study_instance_uid=study_uid,
         slice_thickness=thickness,
+        contrast_bolus_agent=agent,
         flipped_y=bool(col_cos[1] < 0),
         flipped_x=bool(row_cos[0] < 0),
         datasets=[h.dataset for h in headers] if keep_datasets else [],

@@ -366,8 +366,12 @@ def random_model(seed: int = 0, *, input_size: int = 192, padding: Literal["symm
 
 
 def default_manifest_path(repo_root: Path | None = None) -> Path:
-    """``models/demo/manifest.json`` under the working directory (or ``repo_root``)."""
-    return (repo_root or Path.cwd()) / "models" / "demo" / "manifest.json"
+    """The shipped demo weights' manifest (or ``models/demo/manifest.json`` under ``repo_root``)."""
+    if repo_root is not None:
+        return repo_root / "models" / "demo" / "manifest.json"
+    from pe_triage_node.resources import demo_manifest
+
+    return demo_manifest()
 
 
 __all__ = [

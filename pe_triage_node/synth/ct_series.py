@@ -125,6 +125,7 @@ def write_ct_series(
         ds.PatientSex = study.patient_sex
         ds.PatientAge = study.patient_age
         ds.BodyPartExamined = "CHEST"
+        ds.ContrastBolusAgent = "IOHEXOL"  # a CTPA; pass extra={"ContrastBolusAgent": ""} for a plain CT
         ds.SliceThickness = f"{(slice_thickness or slice_spacing):.3g}"
         ds.KVP = "100"
         ds.ConvolutionKernel = kernel

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
-from pe_triage_node.config import AssemblySection, NodeConfig
+from pe_triage_node.config import AssemblySection, NodeConfig, SelectionSection
 from pe_triage_node.db.models import (
     Association,
     Instance,
@@ -110,7 +110,11 @@ class Feed:
 
 
 def cfg() -> NodeConfig:
-    return NodeConfig(assembly=AssemblySection(quiet_period_s=QUIET, contiguity_factor=1.5))
+    # Thick (5 and 8 mm) reconstructions take part in these tests: allow them.
+    return NodeConfig(
+        assembly=AssemblySection(quiet_period_s=QUIET, contiguity_factor=1.5),
+        selection=SelectionSection(max_slice_thickness_mm=8.0),
+    )
 
 
 def series_row(engine: Engine, series_id: int) -> Series:
@@ -277,7 +281,7 @@ def test_late_instances_can_turn_a_rejected_series_into_the_selected_one(engine:
     feed.release(a, 2)
     asm.on_association_released(a, now=at(2))
     assert series_row(engine, sid).state == SeriesState.rejected
-    assert rejections(engine, uid) == ["only 20 slices, at least 30 required"]
+    assert rejections(engine, uid) == ["not a CTPA: only 20 slices, at least 30 required"]
 
     b = feed.association(started=3)
     feed.instances(sid, zs(20, start=20), b, when=4)
@@ -315,7 +319,7 @@ def test_one_series_per_study_and_rejections_recorded(engine: Engine) -> None:
     assert rejections(engine, sharp_uid) == [
         "kernel B70f is a sharp/lung kernel; series 3 (B30f, 1 mm, 100 slices) chosen instead"
     ]
-    assert rejections(engine, thick_uid) == ["only 20 slices, at least 30 required"]
+    assert rejections(engine, thick_uid) == ["not a CTPA: only 20 slices, at least 30 required"]
     assert len(rejections(engine, scout_uid)) == 1 and "ImageType lacks AXIAL" in rejections(engine, scout_uid)[0]
     for sid in (sharp, thick, scout):
         se = series_row(engine, sid)

@@ -23,8 +23,26 @@ def test_defaults_keep_state_under_var(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None)
     assert cfg.receiver.ae_title == "PETRIAGE" and cfg.receiver.port == 11112
-    assert cfg.spool_dir == Path("var/spool")
-    assert cfg.database_url == "sqlite:///var/node.db"
+    assert cfg.spool_dir == tmp_path / "var" / "spool"
+    assert cfg.database_url == f"sqlite:///{tmp_path}/var/node.db"
+
+
+def test_paths_are_absolute_once_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative paths are taken against the directory the node started in, never later."""
+    monkeypatch.chdir(tmp_path)
+    f = tmp_path / "node.toml"
+    f.write_text(
+        '[node]\nvar_dir = "state"\n[spool]\npath = "in"\n[database]\nurl = "sqlite:///db/n.db"\n'
+        '[inference]\nweights_manifest = "w/manifest.json"\n'
+    )
+    cfg = load_config(f)
+    monkeypatch.chdir("/")
+    assert cfg.node.var_dir == tmp_path / "state"
+    assert cfg.spool_dir == tmp_path / "state" / "in"
+    assert cfg.resolve(Path("outputs")) == tmp_path / "state" / "outputs"
+    assert cfg.export.outputs_dir == tmp_path / "state" / "outputs"
+    assert cfg.inference.weights_manifest == tmp_path / "w" / "manifest.json"
+    assert cfg.database_url == f"sqlite:///{tmp_path}/db/n.db"
 
 
 def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -127,8 +127,10 @@ def test_from_config_without_weights_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_cli_infer(small_series: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)  # no config/node.toml, no models/demo
-    assert main(["infer", str(small_series)]) == 2
+    monkeypatch.chdir(tmp_path)  # no config/node.toml, no models/ here: the shipped demo weights are found anyway
+    assert main(["infer", str(small_series), "--device", "cpu"]) == 0
+    assert "NOT FOR DIAGNOSTIC USE" in capsys.readouterr().out
+    assert main(["infer", str(small_series), "--weights", str(tmp_path / "none" / "manifest.json")]) == 2
     assert "no model weights" in capsys.readouterr().err
     m = random_model(2, input_size=32)
     manifest = save_weights(tmp_path / "w", m.phase1, m.phase2, model_name="cli-test", model_version="9", input_size=32)

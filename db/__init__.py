@@ -1,0 +1,1 @@
+"""Alembic environment and migrations, installed as ``pe_triage_node.migrations``."""

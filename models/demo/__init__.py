@@ -1,0 +1,1 @@
+"""Demo weights trained on synthetic phantoms: NOT for clinical use."""
