@@ -8,20 +8,33 @@ cd "$(dirname "$0")"
 VENV=${PETRIAGE_VENV:-.venv}
 PY=${PYTHON:-python3}
 
+# dcmtk by its own path: pynetdicom installs programs called storescu/storescp/echoscu
+# into the venv, and with the venv first on PATH they would stand in for dcmtk's.
+DCMTK=/usr/bin
+
+is_dcmtk() {
+  [ -x "$DCMTK/$1" ] && "$DCMTK/$1" --version 2>/dev/null | grep -q dcmtk
+}
+
 need_peers() {
-  command -v storescu >/dev/null && command -v storescp >/dev/null && command -v dcmcjpls >/dev/null \
-    && command -v Orthanc >/dev/null && command -v dciodvfy >/dev/null && command -v chromium >/dev/null
+  is_dcmtk storescu && is_dcmtk storescp && is_dcmtk echoscu && [ -x "$DCMTK/dcmcjpls" ] \
+    && command -v Orthanc >/dev/null && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
+    && command -v dciodvfy >/dev/null && command -v chromium >/dev/null
 }
 
 install_peers() {
   need_peers && return 0
   if [ "$(id -u)" != 0 ]; then
-    echo "dev.sh: the tests need dcmtk, orthanc and dicom3tools (Debian packages); run as root or install them" >&2
+    echo "dev.sh: the tests need dcmtk, orthanc, orthanc-dicomweb, dicom3tools and chromium (Debian packages); run as root or install them" >&2
     exit 1
   fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends dcmtk orthanc dicom3tools chromium >/dev/null
+  apt-get install -y -qq --no-install-recommends dcmtk orthanc orthanc-dicomweb dicom3tools chromium >/dev/null
+  if ! is_dcmtk storescu; then
+    echo "dev.sh: $DCMTK/storescu is not dcmtk's (the tests need dcmtk's storescu/storescp/echoscu there)" >&2
+    exit 1
+  fi
 }
 
 start_postgres() {

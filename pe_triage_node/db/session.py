@@ -1,4 +1,10 @@
-"""One long-lived engine per process; SQLite in WAL mode, PostgreSQL when shared."""
+"""One long-lived engine per process; SQLite in WAL mode, PostgreSQL when shared.
+
+On SQLite a transaction takes the database's single write lock when it begins
+(``BEGIN IMMEDIATE``: no lock upgrade, so no deadlock between two writers).
+Units of work that only read use :func:`read_only`: their transactions begin
+deferred and read a WAL snapshot, never waiting for a writer nor making one wait.
+"""
 
 from __future__ import annotations
 
@@ -33,11 +39,19 @@ def make_engine(url: str, echo: bool = False) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
     kwargs["pool_pre_ping"] = True
     return create_engine(url, **kwargs)
+
+
+_READ_ONLY = "petriage_read_only"
+
+
+def read_only(engine: Engine) -> Engine:
+    """``engine`` for units of work that only read (on SQLite, without the write lock; elsewhere the same)."""
+    return engine.execution_options(**{_READ_ONLY: True})
 
 
 def _set_wal(cur: Any, attempts: int = 50) -> None:
