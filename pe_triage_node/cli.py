@@ -62,13 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_option(p)
     p.set_defaults(handler=_check_config)
     for name in _ROOMS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue  # room not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

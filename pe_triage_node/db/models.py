@@ -143,6 +143,7 @@ class Series(Base):
     last_association_id: Mapped[str | None] = mapped_column(String(36))
     completed_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     completion_reason: Mapped[str | None] = mapped_column(String(64))
+    completed_instances: Mapped[int | None] = mapped_column(Integer, default=None)  # late instances re-open it
     # Bumped whenever an instance arrives after completion: the series is re-assembled.
     generation: Mapped[int] = mapped_column(Integer, default=0)
 

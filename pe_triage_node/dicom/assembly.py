@@ -27,7 +27,7 @@ Series split across several associations
 Instances that arrive after completion
     Nothing is ever dropped. When a series that is ``complete``, ``selected``
     or ``rejected`` has more instances than it had when it completed (the
-    count is recorded in ``completion_reason``), it is re-opened: its
+    count is recorded in ``completed_instances``), it is re-opened: its
     ``generation`` is bumped and it goes back to ``receiving``. It then
     completes again by the same rule, the study is selected again, and if the
     series is chosen a new ``infer`` job is enqueued with dedupe key
@@ -70,13 +70,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import CursorResult, Engine, Update, case, func, select, text, update
 from sqlalchemy.orm import Session
 
@@ -110,7 +108,6 @@ _ROW_LOCK_TIMEOUT_MS = 500
 # Associations looked at by sweep for late instances: open ones this young, released ones this recent.
 _OPEN_ASSOCIATION_MAX_AGE = dt.timedelta(days=1)
 _LATE_WINDOW_MIN = dt.timedelta(minutes=10)
-_COUNT_IN_REASON = re.compile(r"(\d+) instances?$")
 _DONE_STATES = (SeriesState.complete, SeriesState.selected, SeriesState.rejected)
 
 
@@ -125,23 +122,10 @@ def _now(now: dt.datetime | None) -> dt.datetime:
     return _utc(now) or dt.datetime.now(dt.timezone.utc)
 
 
-def completion_reason(why: str, instances: int) -> str:
-    """The text stored in ``series.completion_reason``; it ends with the instance count."""
-    return f"{why}; {instances} instances"
-
-
 def _changed(s: Session, stmt: Update) -> int:
     """Rows a conditional UPDATE changed (0: another process got there first)."""
     result = cast(CursorResult[Any], s.execute(stmt.execution_options(synchronize_session=False)))
     return result.rowcount
-
-
-def count_at_completion(reason: str | None) -> int | None:
-    """The instance count recorded by :func:`completion_reason`, or None."""
-    if not reason:
-        return None
-    m = _COUNT_IN_REASON.search(reason)
-    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)
@@ -220,15 +204,12 @@ class SeriesAssembler:
             if recent:
                 carried = select(Instance.series_id).where(Instance.association_id.in_(recent)).distinct()
                 rows = s.execute(
-                    select(Series.id, Series.completion_reason, func.count(Instance.id))
+                    select(Series.id, Series.completed_instances, func.count(Instance.id))
                     .join(Instance, Instance.series_id == Series.id)
                     .where(Series.id.in_(carried), Series.state.in_(_DONE_STATES))
-                    .group_by(Series.id, Series.completion_reason)
+                    .group_by(Series.id, Series.completed_instances)
                 ).all()
-                due += [
-                    sid for sid, reason, n in rows
-                    if (before := count_at_completion(reason)) is not None and n > before
-                ]
+                due += [sid for sid, before, n in rows if before is not None and n > before]
             still_receiving = select(Series.study_id).where(Series.state == SeriesState.receiving)
             pending = set(
                 s.scalars(
@@ -273,7 +254,7 @@ class SeriesAssembler:
             uid = series.series_instance_uid
 
             if state in _DONE_STATES:
-                before = count_at_completion(series.completion_reason)
+                before = series.completed_instances
                 count = s.scalar(select(func.count(Instance.id)).where(Instance.series_id == series_id)) or 0
                 if before is None or count <= before:
                     return series.study_id if state == SeriesState.complete else None
@@ -286,6 +267,7 @@ class SeriesAssembler:
                         generation=generation + 1,
                         completed_at=None,
                         completion_reason=None,
+                        completed_instances=None,
                         state_reason=(
                             f"re-opened: {count - before} instance(s) arrived after completion "
                             f"(was {state.value}, generation {generation})"
@@ -320,7 +302,8 @@ class SeriesAssembler:
                 .values(
                     state=SeriesState.complete,
                     completed_at=now,
-                    completion_reason=completion_reason(why, slices.count),
+                    completion_reason=why,
+                    completed_instances=slices.count,
                     state_reason=detail,
                 ),
             )
@@ -550,35 +533,3 @@ class SeriesAssembler:
                 )
             )
         )
-
-
-def start_scheduler(
-    assembler: SeriesAssembler, cfg: NodeConfig, scheduler: BackgroundScheduler | None = None
-) -> BackgroundScheduler:
-    """Run ``assembler.sweep`` every ``assembly.check_interval_s`` on an APScheduler job.
-
-    One run at a time (``max_instances=1``, missed runs coalesced); the first
-    run is immediate so series left over from a restart are picked up. The
-    caller shuts it down with ``scheduler.shutdown()``.
-    """
-    sched = scheduler or BackgroundScheduler(timezone=dt.timezone.utc)
-
-    def _sweep() -> None:
-        try:
-            assembler.sweep()
-        except Exception:  # keep the interval job alive; the next run retries
-            log.exception("assembly sweep failed")
-
-    sched.add_job(
-        _sweep,
-        "interval",
-        seconds=cfg.assembly.check_interval_s,
-        id="series-assembly-sweep",
-        max_instances=1,
-        coalesce=True,
-        replace_existing=True,
-        next_run_time=dt.datetime.now(dt.timezone.utc),
-    )
-    if not sched.running:
-        sched.start()
-    return sched

@@ -28,7 +28,7 @@ from pe_triage_node.db.models import (
     SeriesState,
     Study,
 )
-from pe_triage_node.dicom.assembly import SeriesAssembler, count_at_completion, start_scheduler
+from pe_triage_node.dicom.assembly import SeriesAssembler
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 DOSE_SR = "1.2.840.10008.5.1.4.1.1.88.67"
@@ -163,7 +163,7 @@ def test_contiguous_series_completes_on_release(engine: Engine) -> None:
     asm.on_association_released(a, now=at(4))
     se = series_row(engine, sid)
     assert se.state == SeriesState.selected and se.generation == 0
-    assert se.completion_reason == "released and contiguous; 40 instances"
+    assert (se.completion_reason, se.completed_instances) == ("released and contiguous", 40)
     jobs = infer_jobs(engine, uid)
     assert [j.dedupe_key for j in jobs] == [f"infer:{uid}:0"]
     payload = json.loads(jobs[0].payload)
@@ -191,7 +191,7 @@ def test_series_with_a_gap_waits_for_the_quiet_period(engine: Engine) -> None:
     asm.sweep(now=at(1 + QUIET + 0.5))
     se = series_row(engine, sid)
     assert se.state == SeriesState.selected
-    assert se.completion_reason == "quiet period 30 s; 40 instances"
+    assert (se.completion_reason, se.completed_instances) == ("quiet period 30 s", 40)
 
 
 def test_open_association_without_release_completes_after_quiet_period(engine: Engine) -> None:
@@ -231,7 +231,7 @@ def test_series_split_across_two_associations(engine: Engine) -> None:
     feed.release(b, 3)
     asm.on_association_released(b, now=at(3))
     se = series_row(engine, sid)
-    assert se.state == SeriesState.selected and count_at_completion(se.completion_reason) == 60
+    assert se.state == SeriesState.selected and se.completed_instances == 60
     assert len(infer_jobs(engine, uid)) == 1
 
 
@@ -416,30 +416,6 @@ def test_concurrent_sweeps_and_release_calls_enqueue_once(engine: Engine) -> Non
     # The reason names the new winner (65 slices): one new row, no duplicates.
     reasons = rejections(engine, sharp_uid)
     assert len(reasons) == 2 and "65 slices" in reasons[-1]
-
-
-def test_scheduler_runs_the_sweep(engine: Engine) -> None:
-    feed = Feed(engine)
-    sid, _ = feed.series(feed.study(), number=2)
-    a = feed.association()
-    feed.instances(sid, zs(40), a, when=1)
-    feed.release(a, 2)
-    config = NodeConfig(assembly=AssemblySection(check_interval_s=0.05))
-    sched = start_scheduler(SeriesAssembler(engine, config), config)
-    try:
-        deadline = threading.Event()
-        for _ in range(200):  # up to 10 s; normally the first (immediate) run does it
-            if series_row(engine, sid).state == SeriesState.selected:
-                break
-            deadline.wait(0.05)
-    finally:
-        sched.shutdown(wait=True)
-    assert series_row(engine, sid).state == SeriesState.selected
-
-
-@pytest.mark.parametrize("reason", [None, "", "something else"])
-def test_count_at_completion_tolerates_foreign_text(reason: str | None) -> None:
-    assert count_at_completion(reason) is None
 
 
 REALDATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "realdata" / "lung-pet-ct-dx"

@@ -10,7 +10,6 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect
 
-import pe_triage_node
 from pe_triage_node.db import migrate
 from pe_triage_node.db.models import Base
 from pe_triage_node.db.session import make_engine
@@ -76,6 +75,29 @@ def test_current_does_not_create_a_sqlite_file(tmp_path: Path) -> None:
 def test_missing_migrations_folder_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pe_triage_node, "__file__", str(tmp_path / "pkg" / "__init__.py"))
-    with pytest.raises(migrate.MigrationError, match="migrations not found"):
+    (tmp_path / "db").mkdir()  # an installation that lost its versions/ folder
+    monkeypatch.setattr(migrate, "migrations_dir", lambda: tmp_path / "db")
+    with pytest.raises(migrate.MigrationError, match="migrations incomplete"):
         migrate.upgrade(f"sqlite:///{tmp_path / 'node.db'}")
+
+
+def test_completion_counts_move_out_of_the_reason_text(tmp_path: Path) -> None:
+    """0004 copies the instance count that 0003 kept at the end of completion_reason into its own column."""
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    migrate.upgrade(url, "0003")
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO studies (id, study_instance_uid, first_received_at, last_received_at) VALUES (1, '1.2', '2026-01-01', '2026-01-01')"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO series (id, study_id, series_instance_uid, state, instance_count, first_received_at, "
+            "last_received_at, completion_reason, generation) VALUES "
+            "(1, 1, '1.2.1', 'selected', 40, '2026-01-01', '2026-01-01', 'released and contiguous; 40 instances', 0), "
+            "(2, 1, '1.2.2', 'receiving', 3, '2026-01-01', '2026-01-01', NULL, 0)"
+        )
+    migrate.upgrade(url)
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT id, completion_reason, completed_instances FROM series ORDER BY id").all()
+    engine.dispose()
+    assert [tuple(r) for r in rows] == [(1, "released and contiguous", 40), (2, None, None)]
