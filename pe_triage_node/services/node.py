@@ -19,7 +19,6 @@ Under systemd each role has its own unit instead (``systemd/``).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import signal
@@ -41,14 +40,6 @@ ROLES = ("receiver", "worker", "exporter", "web")
 #: Seconds the supervisor waits for its children after SIGTERM before killing them.
 STOP_GRACE_S = {"receiver": 30.0, "worker": 120.0, "exporter": 60.0, "web": 10.0}
 _NO_RESTART = {2, 3}  # configuration error, no model weights
-
-
-def web_available() -> bool:
-    """The web console's module is installed (it is optional in ``pe-triage run``)."""
-    try:
-        return importlib.util.find_spec("pe_triage_node.web.app") is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def quiet_libraries() -> None:
@@ -141,9 +132,6 @@ class NodeSupervisor:
         self, cfg: NodeConfig, config: Path | None, *, random_weights: bool = False, web: bool | None = None
     ) -> None:
         with_web = cfg.worker.run_web if web is None else web
-        if with_web and not web_available():
-            log.info("web console not installed: not started")
-            with_web = False
         roles = ["receiver", *(["worker"] * cfg.worker.processes), "exporter", *(["web"] if with_web else [])]
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
