@@ -82,3 +82,15 @@ def test_a_malformed_stored_row_reads_as_what_is_left() -> None:
     assert found.thresholds == {}
     assert main_finding(found.labels) == "PE"
     assert ResultFindings.from_row(TriageResult(labels="[]", probabilities="{}", result_json="")).labels == {}
+
+
+def test_the_command_line_says_it_in_the_same_words() -> None:
+    from pe_triage_node.inference.result import findings_block
+
+    result = _result(**{WINDOW_LABEL: True, "rightsided_pe": True, "chronic_pe": True})
+    result.geometry = {"source_slices": 30, "spacing_mm": [0.7, 0.7, 1.0]}
+    block = findings_block(result)
+    assert "study      chronic right PE (consistent label set: positive)" in block
+    assert "  Right-sided PE           YES  p=0.710 (t=0.15)" in block
+    assert "  PE present               YES  p=0.930 (t=0.15)" in block
+    assert "  Central PE               no   p=0.020 (t=0.15)" in block
