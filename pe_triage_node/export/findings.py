@@ -113,15 +113,20 @@ class ResultFindings:
     @classmethod
     def from_row(cls, row: TriageResult) -> ResultFindings:
         """The findings of a stored ``results`` row; malformed JSON or values are left out, never raised."""
-        summary = _json_object(row.result_json)
-        labels = {str(k): v for k, v in _json_object(row.labels).items() if isinstance(v, bool)}
-        probabilities = _numbers(_json_object(row.probabilities))
+        return cls.from_stored(_json_object(row.labels), _json_object(row.probabilities), _json_object(row.result_json))
+
+    @classmethod
+    def from_stored(cls, labels: Any, probabilities: Any, summary: Any) -> ResultFindings:
+        """The same from the row's columns already parsed (``summary``: ``result_json``); wrong types are left out."""
+        summary = summary if isinstance(summary, dict) else {}
+        found_labels = {str(k): v for k, v in labels.items() if isinstance(v, bool)} if isinstance(labels, dict) else {}
+        found = _numbers(probabilities) if isinstance(probabilities, dict) else {}
         windows = summary.get("window_probabilities")
         window_values = list(_numbers(dict(enumerate(windows))).values()) if isinstance(windows, list) else []
-        if WINDOW_LABEL not in probabilities and window_values:
-            probabilities[WINDOW_LABEL] = max(window_values)
+        if WINDOW_LABEL not in found and window_values:
+            found[WINDOW_LABEL] = max(window_values)
         thresholds = summary.get("thresholds")
-        return cls(labels, probabilities, _numbers(thresholds) if isinstance(thresholds, dict) else {})
+        return cls(found_labels, found, _numbers(thresholds) if isinstance(thresholds, dict) else {})
 
 
 def _json_object(text: str | None) -> dict[str, Any]:

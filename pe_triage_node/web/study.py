@@ -246,7 +246,8 @@ def load_study_page(session: Session, cfg: NodeConfig, study_id: int) -> StudyPa
     ))
     result = results[0] if results else None
     data: dict[str, Any] = json_value(result.result_json, {}) if result is not None else {}
-    found = ResultFindings.from_row(result) if result is not None else None
+    found = (ResultFindings.from_stored(json_value(result.labels, {}), json_value(result.probabilities, {}), data)
+             if result is not None else None)
 
     series_uids = {s.series_instance_uid for s in series}
     infer = sorted((j for u in series_uids for j in list_jobs(session, kind=JobKind.infer, series_instance_uid=u)),

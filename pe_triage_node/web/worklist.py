@@ -198,7 +198,9 @@ def worklist_rows(session: Session, flt: WorklistFilter, limit: int = 500) -> li
         if decided is None:
             continue
         status, reason = decided
-        found = ResultFindings.from_row(result) if result is not None else None
+        summary = json_value(result.result_json, {}) if result is not None else {}
+        found = (ResultFindings.from_stored(json_value(result.labels, {}), json_value(result.probabilities, {}), summary)
+                 if result is not None else None)
         ttr = None
         if result is not None:
             series = series_done.get(result.series_instance_uid)
@@ -227,7 +229,7 @@ def worklist_rows(session: Session, flt: WorklistFilter, limit: int = 500) -> li
             result_at=result.created_at if result is not None else None,
             time_to_result=format_duration(ttr),
             rule_name=result.rule_name if result is not None else None,
-            meaningless=bool(json_value(result.result_json, {}).get("meaningless")) if result is not None else False,
+            meaningless=bool(summary.get("meaningless")),
         )
         if flt.priority and row.priority != flt.priority:
             continue
