@@ -41,7 +41,6 @@ class OpsPage:
     model_version: str | None
     model_name: str | None
     device: str | None
-    manifest: dict[str, Any]
 
 
 def disk_usage(path: Path) -> tuple[int, int] | None:
@@ -103,7 +102,6 @@ def load_ops_page(session: Session, cfg: NodeConfig) -> OpsPage:
         model_version=(manifest or {}).get("model_version") or (latest.model_version if latest else None),
         model_name=(manifest or {}).get("model_name") or latest_data.get("model_name"),
         device=latest_data.get("device") or cfg.inference.device,
-        manifest=manifest or {},
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +70,9 @@ class StudyPage:
     positive: bool | None
     headline: str | None  # the main finding; None without a result
     images: list[str]
-    image_series_uid: str | None
     infer_jobs: list[tuple[JobView, list[JobEventView]]]
     exports: list[ExportLine]
     export_history: list[tuple[JobView, list[JobEventView]]]
-    older_results: list[TriageResult] = field(default_factory=list)
 
     @property
     def meaningless(self) -> bool:
@@ -240,11 +238,10 @@ def load_study_page(session: Session, cfg: NodeConfig, study_id: int) -> StudyPa
     rejections = list(session.scalars(
         select(Rejection).where(Rejection.study_instance_uid == uid).order_by(Rejection.id.desc()).limit(100)
     ))
-    results = list(session.scalars(
+    result = session.scalars(
         select(TriageResult).where(TriageResult.study_instance_uid == uid)
-        .order_by(TriageResult.created_at.desc(), TriageResult.id.desc())
-    ))
-    result = results[0] if results else None
+        .order_by(TriageResult.created_at.desc(), TriageResult.id.desc()).limit(1)
+    ).first()
     data: dict[str, Any] = json_value(result.result_json, {}) if result is not None else {}
     found = (ResultFindings.from_stored(json_value(result.labels, {}), json_value(result.probabilities, {}), data)
              if result is not None else None)
@@ -269,11 +266,9 @@ def load_study_page(session: Session, cfg: NodeConfig, study_id: int) -> StudyPa
         positive=is_positive(found.labels) if found is not None else None,
         headline=main_finding(found.labels) if found is not None else None,
         images=output_images(cfg, image_uid) if image_uid else [],
-        image_series_uid=image_uid,
         infer_jobs=[(j, job_history(session, j.id)) for j in infer[:5]],
         exports=[ExportLine(j, d, j.state not in (JobState.queued, JobState.running)) for d, j in sorted(latest.items())],
         export_history=[(j, job_history(session, j.id)) for j in exports[:10]],
-        older_results=results[1:],
     )
 
 
