@@ -564,3 +564,17 @@ def test_later_delivery_clears_export_failed(console: Console) -> None:
     console.sign_in(web_seed.VIEWER)
     assert _order(console.client.get("/?status=export+failed").text) == []
     assert console.ids.stat_id in _order(console.client.get("/?status=done").text)
+
+
+def test_image_files_only_under_a_valid_uid(tmp_path: Path) -> None:
+    """The output folder's name is checked with dicom.uids (fullmatch): a trailing newline is not a UID."""
+    from pe_triage_node.web.study import image_path, output_images
+
+    cfg = NodeConfig(node={"var_dir": str(tmp_path)})  # type: ignore[arg-type]
+    for name in ("1.2.3", "1.2.3\n", "1.02.3"):
+        web_seed.gradcam_png(cfg.resolve(cfg.export.outputs_dir) / name / "summary.png")
+    assert image_path(cfg, "1.2.3", "summary.png") == cfg.resolve(cfg.export.outputs_dir) / "1.2.3" / "summary.png"
+    assert output_images(cfg, "1.2.3") == ["summary.png"]
+    for bad in ("1.2.3\n", "1.02.3", "1.2.3/..", ""):
+        assert image_path(cfg, bad, "summary.png") is None and output_images(cfg, bad) == [], repr(bad)
+    assert image_path(cfg, "1.2.3", "summary.png\n") is None
