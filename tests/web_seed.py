@@ -38,6 +38,8 @@ THRESHOLDS = {
     "rv_lv_ratio_gte_1": 0.15, "rv_lv_ratio_lt_1": 0.15,
 }
 STUDY_LABELS = [k for k in THRESHOLDS if k != "pe_present_on_image"]
+FAILED_REASON = "RuntimeError: the model ran out of memory"
+REFUSED_REASON = "not a contrast-enhanced CTPA: ContrastBolusAgent empty, pulmonary trunk at 41 HU"
 
 
 @dataclass
@@ -47,6 +49,8 @@ class Seeded:
     routine_id: int
     queued_id: int
     rejected_id: int
+    failed_id: int
+    refused_id: int
     export_dead_job: int
     export_ok_job: int
     stat_series_uid: str
@@ -217,7 +221,25 @@ def seed(engine: Engine, var_dir: Path, now: dt.datetime | None = None) -> Seede
         s.add(Rejection(stage="selection", study_instance_uid=st.study_instance_uid, reason="no CTPA series in the study",
                         created_at=t(59)))
         rejected = st
-        ids = Seeded(stat.id, urgent.id, routine.id, queued.id, rejected.id, dead.id, ok.id, stat_series, "gradcam_w02.png")
+
+        # Failed: the analysis was dead-lettered after its attempts
+        st = _study(s, 6, "FAIL^FRED", "P0006", "A1006", "CTPA", t(40))
+        se = _series(s, st, 2, SeriesState.selected, t(40))
+        _job(s, JobKind.infer, JobState.dead, se, t(39), error=FAILED_REASON,
+             events=("queued", "claimed", "failed", "claimed", "failed", "claimed", "dead"), attempts=3, worker="worker@gpu0")
+        failed = st
+
+        # Refused by the inference stage: a series that is not a contrast-enhanced CTPA (job dead, not retried)
+        st = _study(s, 7, "PLAIN^PAULA", "P0007", "A1007", "CT CHEST", t(30))
+        se = _series(s, st, 3, SeriesState.rejected, t(30), reason=f"refused by the inference stage: {REFUSED_REASON}",
+                     desc="Thorax 1.0 Br40")
+        s.add(Rejection(stage="inference", study_instance_uid=st.study_instance_uid,
+                        series_instance_uid=se.series_instance_uid, reason=REFUSED_REASON, created_at=t(28)))
+        _job(s, JobKind.infer, JobState.dead, se, t(29), error=f"volume rejected: {REFUSED_REASON}",
+             events=("queued", "claimed", "dead"), attempts=1, worker="worker@gpu0")
+        refused = st
+        ids = Seeded(stat.id, urgent.id, routine.id, queued.id, rejected.id, failed.id, refused.id, dead.id, ok.id,
+                     stat_series, "gradcam_w02.png")
     gradcam_png(var_dir / "outputs" / stat_series / ids.image_name, seed=3)
     gradcam_png(var_dir / "outputs" / stat_series / "summary.png", seed=4)
     return ids

@@ -1,18 +1,26 @@
 """The findings of one result in words: the headline, the series description, the readable lines.
 
-One place for the wording, so the SR, the burned-in images and the webhook say
-the same thing. Reads only the consistent labels (never raw probabilities for a
-yes/no), so nothing contradictory reaches a report.
+The one place for the wording: the SR, the burned-in images, the webhook, the
+web console and the command line all say what these functions say. They read a
+result as the worker produced it (:class:`StudyResult`) or as the ``results``
+table keeps it (:meth:`ResultFindings.from_row`), and only its consistent labels
+for a yes/no (never raw probabilities), so nothing contradictory reaches a report.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from pe_triage_node.inference.labels import WINDOW_LABEL
 from pe_triage_node.inference.result import StudyResult
 from pe_triage_node.rules import PriorityDecision
+
+if TYPE_CHECKING:
+    from pe_triage_node.db.models import TriageResult
 
 SERIES_DESCRIPTION_PREFIX = "AI PE TRIAGE"
 _MAX_LO = 64  # PS3.5 LO
@@ -61,17 +69,7 @@ def series_description(decision: PriorityDecision, labels: Mapping[str, bool], s
     return text[:_MAX_LO]
 
 
-@dataclass(frozen=True)
-class FindingLine:
-    """One row of the findings table: what, yes/no, the probability behind it and its threshold."""
-
-    label: str
-    text: str
-    present: bool
-    probability: float | None
-    threshold: float | None
-
-
+# The model's labels in reading order, then the two the rules derive (pe_present, acute_pe).
 _LABEL_TEXT = {
     WINDOW_LABEL: "PE present",
     "central_pe": "Central PE",
@@ -84,35 +82,100 @@ _LABEL_TEXT = {
     "negative_exam_for_pe": "Negative for PE",
     "indeterminate": "Indeterminate (quality)",
 }
+_DERIVED_TEXT = {"pe_present": "PE present", "acute_pe": "Acute PE"}
 
 
 def label_text(label: str) -> str:
-    return _LABEL_TEXT.get(label, label)
+    """A label's name in words (``central_pe`` → ``Central PE``); an unknown name as it is."""
+    return _LABEL_TEXT.get(label) or _DERIVED_TEXT.get(label) or label
 
 
-def label_probability(result: StudyResult, label: str) -> float | None:
+@dataclass(frozen=True)
+class ResultFindings:
+    """What the wording reads of one result: consistent labels, probabilities, thresholds.
+
+    ``probabilities[pe_present_on_image]`` is the study's highest window probability.
+    """
+
+    labels: Mapping[str, bool]
+    probabilities: Mapping[str, float]
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, result: StudyResult | ResultFindings) -> ResultFindings:
+        if isinstance(result, ResultFindings):
+            return result
+        probabilities = {k: float(v) for k, v in result.probabilities.items()}
+        if result.window_probabilities:
+            probabilities.setdefault(WINDOW_LABEL, float(max(result.window_probabilities)))
+        return cls(dict(result.labels), probabilities, dict(result.thresholds))
+
+    @classmethod
+    def from_row(cls, row: TriageResult) -> ResultFindings:
+        """The findings of a stored ``results`` row; malformed JSON or values are left out, never raised."""
+        return cls.from_stored(_json_object(row.labels), _json_object(row.probabilities), _json_object(row.result_json))
+
+    @classmethod
+    def from_stored(cls, labels: Any, probabilities: Any, summary: Any) -> ResultFindings:
+        """The same from the row's columns already parsed (``summary``: ``result_json``); wrong types are left out."""
+        summary = summary if isinstance(summary, dict) else {}
+        found_labels = {str(k): v for k, v in labels.items() if isinstance(v, bool)} if isinstance(labels, dict) else {}
+        found = _numbers(probabilities) if isinstance(probabilities, dict) else {}
+        windows = summary.get("window_probabilities")
+        window_values = list(_numbers(dict(enumerate(windows))).values()) if isinstance(windows, list) else []
+        if WINDOW_LABEL not in found and window_values:
+            found[WINDOW_LABEL] = max(window_values)
+        thresholds = summary.get("thresholds")
+        return cls(found_labels, found, _numbers(thresholds) if isinstance(thresholds, dict) else {})
+
+
+def _json_object(text: str | None) -> dict[str, Any]:
+    try:
+        value = json.loads(text or "{}")
+    except (json.JSONDecodeError, TypeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _numbers(values: Mapping[Any, Any]) -> dict[str, float]:
+    return {
+        str(k): float(v) for k, v in values.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+@dataclass(frozen=True)
+class FindingLine:
+    """One row of the findings table: what, yes/no, the probability behind it and its threshold."""
+
+    label: str
+    text: str
+    present: bool
+    probability: float | None
+    threshold: float | None
+
+
+def label_probability(result: StudyResult | ResultFindings, label: str) -> float | None:
     """The probability behind a label: the study head's, or the highest window's for pe_present_on_image."""
-    if label == WINDOW_LABEL:
-        return max(result.window_probabilities) if result.window_probabilities else None
-    p = result.probabilities.get(label)
-    return float(p) if p is not None else None
+    return ResultFindings.of(result).probabilities.get(label)
 
 
-def finding_lines(result: StudyResult) -> list[FindingLine]:
-    """Every label in reading order, with its consistent yes/no, probability and threshold."""
+def finding_lines(result: StudyResult | ResultFindings) -> list[FindingLine]:
+    """Every model label the result has, in reading order, with its consistent yes/no, probability and threshold."""
+    found = ResultFindings.of(result)
     return [
         FindingLine(
             label=label,
-            text=label_text(label),
-            present=bool(result.labels.get(label, False)),
-            probability=label_probability(result, label),
-            threshold=result.thresholds.get(label),
+            text=text,
+            present=bool(found.labels.get(label, False)),
+            probability=found.probabilities.get(label),
+            threshold=found.thresholds.get(label),
         )
-        for label in _LABEL_TEXT
-        if label in result.labels
+        for label, text in _LABEL_TEXT.items()
+        if label in found.labels
     ]
 
 
-def positive_findings(result: StudyResult) -> list[str]:
+def positive_findings(result: StudyResult | ResultFindings) -> list[str]:
     """Names (RSNA labels) of the positive findings, for the webhook and logs (no PHI)."""
     return [line.label for line in finding_lines(result) if line.present]

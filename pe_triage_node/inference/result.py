@@ -160,12 +160,13 @@ def findings_block(result: StudyResult) -> str:
         f"series     {g['source_slices']} slices, spacing {g['spacing_mm'][0]:.2f} x {g['spacing_mm'][1]:.2f} x {g['spacing_mm'][2]:.2f} mm; "
         f"{len(result.windows)} windows; lung crop: {result.lung_crop_method}"
     )
-    verdict = "PE SUSPECTED" if result.positive else "no PE suspected"
-    lines.append(f"study      {verdict} (consistent label set: {result.consistency['chosen']})")
-    wmax = max(result.window_probabilities) if result.window_probabilities else 0.0
-    lines.append(f"  {'pe_present_on_image':<22} {'POS' if result.labels['pe_present_on_image'] else 'neg'}  max window p={wmax:.3f} (t={result.thresholds['pe_present_on_image']:.2f})")
-    for k, p in result.probabilities.items():
-        lines.append(f"  {k:<22} {'POS' if result.labels[k] else 'neg'}  p={p:.3f} (t={result.thresholds[k]:.2f})")
+    from pe_triage_node.export.findings import finding_lines, main_finding  # the one wording of findings
+
+    lines.append(f"study      {main_finding(result.labels)} (consistent label set: {result.consistency['chosen']})")
+    for line in finding_lines(result):
+        p = f"p={line.probability:.3f}" if line.probability is not None else "p=?"
+        t = f" (t={line.threshold:.2f})" if line.threshold is not None else ""
+        lines.append(f"  {line.text:<24} {'YES' if line.present else 'no '}  {p}{t}")
     if result.consistency.get("changed"):
         lines.append(f"corrected  {', '.join(result.consistency['changed'])} (consistency rules)")
     for m in result.gradcam:

@@ -57,11 +57,26 @@ def _web(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_password(args: argparse.Namespace) -> str:
+NO_TERMINAL = (
+    "pe-triage: no terminal to ask for the password; give it on standard input with --password-stdin, "
+    "e.g.  printf '%s\\n' \"$PASSWORD\" | pe-triage users {action} NAME --password-stdin"
+)
+
+
+def _read_password(args: argparse.Namespace, action: str) -> str | None:
+    """The new password from stdin (``--password-stdin``) or asked twice on the terminal; ``None``: no way to ask."""
     if args.password_stdin:
         return sys.stdin.readline().rstrip("\r\n")
-    first = getpass.getpass("Password: ")
-    if getpass.getpass("Again: ") != first:
+    if not sys.stdin.isatty():  # a script, a pipe, a service: getpass would fail or read stray input
+        print(NO_TERMINAL.format(action=action), file=sys.stderr)
+        return None
+    try:
+        first = getpass.getpass("Password: ")
+        again = getpass.getpass("Again: ")
+    except EOFError:  # input closed (Ctrl-D)
+        print(NO_TERMINAL.format(action=action), file=sys.stderr)
+        return None
+    if again != first:
         raise SystemExit("pe-triage: the passwords differ")
     return first
 
@@ -72,8 +87,10 @@ def _users_add(args: argparse.Namespace) -> int:
     from pe_triage_node.db.session import make_engine
     from pe_triage_node.web.auth import UserError, add_user, audit
 
+    password = _read_password(args, "add")
+    if password is None:
+        return 2
     cfg = _prepare(args)
-    password = _read_password(args)
     engine = make_engine(cfg.database_url)
     try:
         with Session(engine) as s, s.begin():
@@ -94,8 +111,10 @@ def _users_passwd(args: argparse.Namespace) -> int:
     from pe_triage_node.db.session import make_engine
     from pe_triage_node.web.auth import UserError, audit, set_password
 
+    password = _read_password(args, "passwd")
+    if password is None:
+        return 2
     cfg = _prepare(args)
-    password = _read_password(args)
     engine = make_engine(cfg.database_url)
     try:
         with Session(engine) as s, s.begin():

@@ -20,7 +20,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from pe_triage_node.db.models import JobKind, JobState, TriageResult
-from pe_triage_node.web.views import counts_for_metrics
+from pe_triage_node.web.operations import counts_for_metrics
 
 log = logging.getLogger(__name__)
 

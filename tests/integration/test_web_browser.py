@@ -125,6 +125,16 @@ def test_sign_in_worklist_study_and_rule_change(served: tuple[str, NodeConfig, w
             expect(rows.first).to_have_attribute("data-study", str(ids.stat_id))
             expect(rows.first.locator(".badge")).to_have_text("STAT")
             expect(page.locator("footer")).to_contain_text("NOT FOR DIAGNOSTIC USE")
+            # a dead analysis says it failed and why; a refused series says it was not analysed and why
+            failed = page.locator(f'#worklist-rows tr[data-study="{ids.failed_id}"]')
+            expect(failed.locator("td.findings")).to_contain_text("analysis failed")
+            expect(failed.locator("td.findings .reason")).to_have_text(web_seed.FAILED_REASON)
+            expect(failed.locator(".status")).to_have_text("failed")
+            refused = page.locator(f'#worklist-rows tr[data-study="{ids.refused_id}"]')
+            expect(refused.locator("td.findings")).to_contain_text("not analysed")
+            expect(refused.locator("td.findings .reason")).to_have_text(web_seed.REFUSED_REASON)
+            expect(refused.locator(".status")).to_have_text("rejected")
+            expect(page.locator("#worklist-rows tr", has_text="in analysis")).to_have_count(1)  # the running one
             page.screenshot(path=str(ARTIFACTS / "worklist.png"), full_page=True)
 
             # live refresh: a new study appears without reloading the page
@@ -137,7 +147,7 @@ def test_sign_in_worklist_study_and_rule_change(served: tuple[str, NodeConfig, w
 
             # open the STAT study: its Grad-CAM image is shown
             rows.first.locator("td.findings a").click()
-            expect(page.locator("h1")).to_contain_text("PE (central, right, left)")
+            expect(page.locator("h1")).to_contain_text("central PE, RV/LV>=1")
             image = page.locator("img.gradcam").first
             expect(image).to_be_visible()
             page.wait_for_function("() => { const i = document.querySelector('img.gradcam'); return i && i.complete && i.naturalWidth > 0; }")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import re
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +20,7 @@ from starlette.testclient import TestClient
 from pe_triage_node.config import NodeConfig
 from pe_triage_node.db.models import AuditEvent, Job, JobKind, JobState, RuleSetRecord, WebSession
 from pe_triage_node.rules.store import active_record, packaged_rules_text
+from pe_triage_node.web import rules_editor, rules_preview
 from pe_triage_node.web.app import create_app
 
 try:
@@ -153,11 +157,13 @@ def test_worklist_stat_first_then_arrival(console: Console) -> None:
     r = console.client.get("/")
     assert r.status_code == 200
     ids = console.ids
-    assert _order(r.text) == [ids.stat_id, ids.urgent_id, ids.queued_id, ids.routine_id, ids.rejected_id]
+    assert _order(r.text) == [ids.stat_id, ids.urgent_id, ids.queued_id, ids.routine_id, ids.rejected_id,
+                              ids.failed_id, ids.refused_id]
     html = r.text
     assert "DOE, JANE" in html and "P0003" in html and "A1003" in html  # identifiers for signed-in users
-    assert "PE (central, right, left)" in html and "RV/LV \u2265 1" in html
-    assert "export failed" in html and "running" in html and "rejected" in html and "No PE" in html
+    assert "central PE, RV/LV&gt;=1" in html  # the headline of export.findings, as the SR and SCs say it
+    assert "export failed" in html and "running" in html and "rejected" in html and "no PE" in html
+    assert "not analysed" in html and "no CTPA series in the study" in html  # why the study was not analysed
     assert UID_PREFIX not in html
     assert "NOT FOR DIAGNOSTIC USE" in html
     assert 'src="/static/worklist.js"' in html
@@ -169,7 +175,8 @@ def test_worklist_stat_first_then_arrival(console: Console) -> None:
         ("priority=STAT", ["stat_id"]),
         ("priority=ROUTINE", ["routine_id"]),
         ("status=running", ["queued_id"]),
-        ("status=rejected", ["rejected_id"]),
+        ("status=rejected", ["rejected_id", "refused_id"]),
+        ("status=failed", ["failed_id"]),
         ("status=done", ["urgent_id", "routine_id"]),
         ("status=export+failed", ["stat_id"]),
         ("date=2001-01-01", []),
@@ -185,6 +192,38 @@ def test_worklist_filters_and_fragment(console: Console, query: str, expect: lis
     assert _order(fragment.text) == want
 
 
+def _row(html: str, study_id: int) -> str:
+    m = re.search(rf'<tr [^>]*data-study="{study_id}">(.*?)</tr>', html, re.S)
+    assert m, f"no row for study {study_id}"
+    return m.group(1)
+
+
+def test_failed_and_refused_studies_say_why(console: Console) -> None:
+    """A dead analysis is "failed" with its error; a series the worker refused is "not analysed" with the reason."""
+    console.sign_in(web_seed.VIEWER)
+    html = console.client.get("/").text
+    failed = _row(html, console.ids.failed_id)
+    assert "analysis failed" in failed and web_seed.FAILED_REASON in failed and "status-failed" in failed
+    assert "in analysis" not in failed
+    refused = _row(html, console.ids.refused_id)
+    assert "not analysed" in refused and web_seed.REFUSED_REASON in refused and "status-rejected" in refused
+    assert "in analysis" not in refused and "status-failed" not in refused
+    rejected = _row(html, console.ids.rejected_id)
+    assert "not analysed" in rejected and "no CTPA series in the study" in rejected
+    assert "in analysis" in _row(html, console.ids.queued_id)
+
+
+def test_a_failed_attempt_waiting_for_its_retry_says_so(console: Console) -> None:
+    with Session(console.engine) as s, s.begin():
+        job = s.scalars(select(Job).where(Job.kind == JobKind.infer, Job.state == JobState.dead,
+                                          Job.last_error == web_seed.FAILED_REASON)).one()
+        job.state, job.attempts = JobState.failed, 1
+    console.sign_in(web_seed.VIEWER)
+    row = _row(console.client.get("/").text, console.ids.failed_id)
+    assert "in analysis" in row and "status-queued" in row
+    assert f"attempt 1 failed, will retry: {web_seed.FAILED_REASON}" in row
+
+
 # -- study page ---------------------------------------------------------------
 
 
@@ -194,9 +233,10 @@ def test_study_page_shows_labels_attention_images_series_exports_history(console
     r = console.client.get(f"/study/{ids.stat_id}")
     assert r.status_code == 200
     html = r.text
-    for name in ("Central PE", "Left-sided PE", "Right-sided PE", "RV/LV", "Chronic PE", "Negative exam",
-                 "Indeterminate quality", "PE (any image)"):
+    for name in ("Central PE", "Left-sided PE", "Right-sided PE", "RV/LV ratio &gt;= 1", "Chronic PE",
+                 "Negative for PE", "Indeterminate (quality)", "PE present"):
         assert name in html, name
+    assert "central PE, RV/LV&gt;=1" in html
     assert "0.88" in html and "0.05" in html  # central_pe probability and its threshold
     assert html.count('class="strip"') >= 9  # attention strip per label
     assert f'src="/study/{ids.stat_id}/image/{ids.image_name}"' in html
@@ -266,17 +306,89 @@ def _rule_sets(engine: Engine) -> int:
         return int(s.scalar(select(func.count()).select_from(RuleSetRecord)) or 0)
 
 
-def test_rules_page_preview_and_viewer_cannot_save(console: Console) -> None:
-    console.sign_in(web_seed.VIEWER)
-    r = console.client.get("/rules")
-    assert r.status_code == 200 and "Central PE" in r.text and "Save and put in force" not in r.text
-    token = CSRF_RE.search(r.text).group(1)  # type: ignore[union-attr]
+def _with_first_rule(pattern: str) -> str:
+    """The shipped rules with a first rule matching StudyDescription against ``pattern``."""
+    text = packaged_rules_text()
+    rule = f"""[[rules]]\nname = "ED"\npriority = "STAT"\nwhen = {{ attribute = "StudyDescription", matches = '{pattern}' }}\n\n"""
+    at = text.index("[[rules]]")
+    return text[:at] + rule + text[at:]
+
+
+# 15 characters that take hours on the seeded 21-character "CT ANGIO PULMONARY ED" (nested repetition).
+CATASTROPHIC = "(([A-Z ]+)+)+x"
+
+
+def test_admin_previews_the_effect_of_edited_rules(console: Console) -> None:
+    console.sign_in(web_seed.ADMIN)
+    token = console.csrf("/rules")
     r = console.client.post("/rules/preview", data={"csrf_token": token, "toml_text": _escalated_rules(), "last_n": "50"})
     assert r.status_code == 200
     assert "1 of 3 recent studies would change priority" in r.text
     assert "RIGHT, ROBERT" in r.text
-    r = console.client.post("/rules/save", data={"csrf_token": token, "toml_text": _escalated_rules(), "comment": "x"})
-    assert r.status_code == 403 and "Only administrators" in r.text
+    r = console.client.post("/rules/preview", data={"csrf_token": token, "toml_text": _with_first_rule("(?i)chest")})
+    assert r.status_code == 200 and "1 of 3 recent studies would change priority" in r.text
+    assert "NEGATIVE, NORA" in r.text  # "CT ANGIO CHEST", ROUTINE before
+    assert _rule_sets(console.engine) == 0
+
+
+def test_viewer_sees_the_rules_but_cannot_test_or_save_them(console: Console) -> None:
+    console.sign_in(web_seed.VIEWER)
+    r = console.client.get("/rules")
+    assert r.status_code == 200 and "Central PE" in r.text
+    assert "Preview effect" not in r.text and "Save and put in force" not in r.text
+    token = CSRF_RE.search(r.text).group(1)  # type: ignore[union-attr]
+    for path in ("/rules/preview", "/rules/save"):
+        r = console.client.post(path, data={"csrf_token": token, "toml_text": _with_first_rule(CATASTROPHIC),
+                                            "comment": "x"})
+        assert r.status_code == 403 and "Only administrators" in r.text, path
+    assert multiprocessing.active_children() == []  # nothing was run
+    assert _rule_sets(console.engine) == 0
+
+
+def test_rule_tests_are_bounded_in_pattern_length_text_and_results(console: Console) -> None:
+    console.sign_in(web_seed.ADMIN)
+    token = console.csrf("/rules")
+    long_pattern = _with_first_rule("x" * (rules_preview.MAX_PATTERN_LENGTH + 1))
+    for path in ("/rules/preview", "/rules/save"):
+        r = console.client.post(path, data={"csrf_token": token, "toml_text": long_pattern, "comment": "why"})
+        assert r.status_code == 422 and f"at most {rules_preview.MAX_PATTERN_LENGTH} are allowed" in r.text, path
+        huge = _escalated_rules() + "#" * rules_editor.MAX_RULES_TEXT
+        r = console.client.post(path, data={"csrf_token": token, "toml_text": huge, "comment": "why"})
+        assert r.status_code == 413 and "longer than" in r.text, path
+    r = console.client.post("/rules/preview", data={"csrf_token": token, "toml_text": _escalated_rules(),
+                                                    "last_n": "999999"})
+    assert r.status_code == 200 and f'value="{rules_preview.MAX_RESULTS}"' in r.text
+    assert _rule_sets(console.engine) == 0
+
+
+def test_a_runaway_pattern_is_stopped_and_the_console_keeps_answering(console: Console,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Matching runs in a child process killed at the time limit; meanwhile the console serves other requests."""
+    monkeypatch.setattr(rules_preview, "TIME_LIMIT_S", 3.0)
+    console.sign_in(web_seed.ADMIN)
+    token = console.csrf("/rules")
+    answers: dict[str, int | str] = {}
+
+    def preview() -> None:
+        r = console.client.post("/rules/preview", data={"csrf_token": token, "toml_text": _with_first_rule(CATASTROPHIC)})
+        answers["status"], answers["text"] = r.status_code, r.text
+
+    thread = threading.Thread(target=preview)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not multiprocessing.active_children():
+        assert thread.is_alive() and time.monotonic() < deadline, "the replay's child process never started"
+        time.sleep(0.02)
+    assert console.client.get("/healthz").status_code == 200
+    assert console.client.get("/").status_code == 200
+    still_matching = bool(multiprocessing.active_children())
+    thread.join(300)
+    assert still_matching, "the console answered only after the matching ended"
+    assert answers["status"] == 422 and "took longer than 3 s and was stopped" in str(answers["text"])
+    assert multiprocessing.active_children() == []  # the child was killed and reaped
+    r = console.client.post("/rules/save", data={"csrf_token": token, "toml_text": _with_first_rule(CATASTROPHIC),
+                                                 "comment": "ED first"})
+    assert r.status_code == 422 and "was stopped" in r.text  # the worker would stall on it too
     assert _rule_sets(console.engine) == 0
 
 
@@ -372,6 +484,7 @@ def test_metrics_parse(console: Console) -> None:
     families = {f.name: f for f in text_string_to_metric_families(r.text)}
     jobs = {(s.labels["kind"], s.labels["state"]): s.value for s in families["petriage_jobs"].samples}
     assert jobs[("export", "dead")] == 1 and jobs[("infer", "running")] == 1 and jobs[("infer", "succeeded")] == 3
+    assert jobs[("infer", "dead")] == 2
     exports = {s.labels["outcome"]: s.value for s in families["petriage_exports"].samples if s.name.endswith("_total")}
     assert exports["failed"] == 1 and exports["delivered"] == 1
     hist = families["petriage_inference_seconds"]
@@ -380,7 +493,7 @@ def test_metrics_parse(console: Console) -> None:
     bucket_20 = [s.value for s in hist.samples if s.name.endswith("_bucket") and s.labels["le"] == "20.0"]
     assert bucket_20 == [3]
     rejected = [s.value for s in families["petriage_series_rejected"].samples if s.name.endswith("_total")]
-    assert rejected == [2]
+    assert rejected == [3]  # the scout, the head CT, the non-contrast chest
     assert "petriage_instances_received" in families
     # a second scrape reads only new results and gives the same numbers
     again = {f.name: f for f in text_string_to_metric_families(console.client.get("/metrics").text)}
@@ -451,3 +564,17 @@ def test_later_delivery_clears_export_failed(console: Console) -> None:
     console.sign_in(web_seed.VIEWER)
     assert _order(console.client.get("/?status=export+failed").text) == []
     assert console.ids.stat_id in _order(console.client.get("/?status=done").text)
+
+
+def test_image_files_only_under_a_valid_uid(tmp_path: Path) -> None:
+    """The output folder's name is checked with dicom.uids (fullmatch): a trailing newline is not a UID."""
+    from pe_triage_node.web.study import image_path, output_images
+
+    cfg = NodeConfig(node={"var_dir": str(tmp_path)})  # type: ignore[arg-type]
+    for name in ("1.2.3", "1.2.3\n", "1.02.3"):
+        web_seed.gradcam_png(cfg.resolve(cfg.export.outputs_dir) / name / "summary.png")
+    assert image_path(cfg, "1.2.3", "summary.png") == cfg.resolve(cfg.export.outputs_dir) / "1.2.3" / "summary.png"
+    assert output_images(cfg, "1.2.3") == ["summary.png"]
+    for bad in ("1.2.3\n", "1.02.3", "1.2.3/..", ""):
+        assert image_path(cfg, bad, "summary.png") is None and output_images(cfg, bad) == [], repr(bad)
+    assert image_path(cfg, "1.2.3", "summary.png\n") is None

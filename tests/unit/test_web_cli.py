@@ -1,4 +1,4 @@
-"""``pe-triage users add|list|passwd`` and ``pe-triage web`` argument wiring (the lead adds web.cli to _ROOMS)."""
+"""``pe-triage users add|list|passwd`` and ``pe-triage web`` argument wiring, in process (the processes: tests/integration/test_web_cli_process.py)."""
 
 from __future__ import annotations
 
@@ -71,34 +71,3 @@ def test_web_command_uses_configured_bind(tmp_path: Path, monkeypatch: pytest.Mo
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8080
     assert _run(["web", "--config", str(config), "--port", "9090"]) == 0
     assert seen["port"] == 9090
-
-
-def test_make_server_serves_in_a_thread(tmp_path: Path) -> None:
-    import json
-    import socket
-    import threading
-    import time
-    import urllib.request
-
-    from pe_triage_node.config import NodeConfig
-    from pe_triage_node.db.migrate import upgrade
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    cfg = NodeConfig(node={"var_dir": str(tmp_path / "var")})  # type: ignore[arg-type]
-    upgrade(cfg.database_url)
-    server = web_cli.make_server(cfg, port=port)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive()
-            time.sleep(0.05)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-            assert json.load(r) == {"status": "ok"}
-    finally:
-        server.should_exit = True
-        thread.join(10)
-    assert not thread.is_alive()
