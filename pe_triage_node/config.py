@@ -29,6 +29,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pe_triage_node.errors import ConfigError
+from pe_triage_node.resources import demo_manifest
 
 DEFAULT_CONFIG_PATH = Path("config/node.toml")
 ENV_PREFIX = "PETRIAGE_"
@@ -157,6 +158,11 @@ class InferenceSection(_Section):
     batch_size: int = Field(8, ge=1, le=256)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     require_contrast: bool = True
+
+    @property
+    def manifest(self) -> Path:
+        """The weights to run: ``weights_manifest``, else the shipped demo weights."""
+        return self.weights_manifest or demo_manifest()
 
 
 class QueueSection(_Section):

@@ -167,7 +167,7 @@ class InferenceEngine:
         if random_weights:
             model = random_model(0)
         else:
-            manifest = weights_manifest or section.weights_manifest or default_manifest_path(repo_root)
+            manifest = weights_manifest or (default_manifest_path(repo_root) if repo_root else section.manifest)
             if not Path(manifest).is_file():
                 raise WeightsError(
                     f"no model weights: manifest {manifest} not found. Set inference.weights_manifest "

@@ -56,7 +56,7 @@ def disk_usage(path: Path) -> tuple[int, int] | None:
 
 
 def manifest_path(cfg: NodeConfig) -> Path:
-    return cfg.inference.weights_manifest or (Path.cwd() / "models" / "demo" / "manifest.json")
+    return cfg.inference.manifest
 
 
 def read_manifest_cheaply(cfg: NodeConfig) -> tuple[dict[str, Any] | None, str]:
