@@ -29,6 +29,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pe_triage_node.errors import ConfigError
+from pe_triage_node.patterns import compile_pattern
 from pe_triage_node.resources import demo_manifest
 
 DEFAULT_CONFIG_PATH = Path("config/node.toml")
@@ -43,12 +44,9 @@ def _check_ae(value: str) -> str:
 
 
 def check_regex(value: str | None) -> str | None:
-    """A pydantic check: ``value`` compiles as a Python regular expression (or is unset)."""
+    """A pydantic check: ``value`` compiles as a regular expression (or is unset); see :mod:`.patterns`."""
     if value is not None:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"invalid regular expression {value!r}: {exc}") from exc
+        compile_pattern(value)
     return value
 
 

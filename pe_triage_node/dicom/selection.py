@@ -35,17 +35,16 @@ Every other series gets a reason a person can read.
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from pe_triage_node.config import SelectionSection
+from pe_triage_node.patterns import search
 
 # Two slices closer than this along the normal are the same position (mm).
 DUPLICATE_POSITION_MM = 0.01
@@ -208,13 +207,8 @@ def split_values(value: str | Iterable[str] | None) -> tuple[str, ...]:
     return tuple(str(v).strip().upper() for v in items if str(v).strip())
 
 
-@lru_cache(maxsize=64)
-def _compiled(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
-
-
 def _search(pattern: str, value: str | None) -> bool:
-    return value is not None and _compiled(pattern).search(value) is not None
+    return value is not None and search(pattern, value)
 
 
 def is_soft_tissue_kernel(kernel: str | None, rules: SelectionSection) -> bool:

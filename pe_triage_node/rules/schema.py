@@ -31,7 +31,6 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
-    PrivateAttr,
     StrictBool,
     Tag,
     ValidationError,
@@ -40,6 +39,7 @@ from pydantic import (
 )
 
 from pe_triage_node.config import check_regex
+from pe_triage_node.patterns import search
 from pe_triage_node.errors import PETriageError
 from pe_triage_node.inference.labels import PE_SPECIFIC, STUDY_LABELS, WINDOW_LABEL
 
@@ -260,7 +260,6 @@ class AttributeCondition(_Node):
     equals: str | None = None
     in_: list[str] | None = Field(None, alias="in", min_length=1)
     matches: str | None = None
-    _pattern: re.Pattern[str] | None = PrivateAttr(None)
 
     @field_validator("attribute")
     @classmethod
@@ -282,8 +281,6 @@ class AttributeCondition(_Node):
         given = [k for k, v in (("equals", self.equals), ("in", self.in_), ("matches", self.matches)) if v is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of equals, in, matches (got {', '.join(given) or 'none'})")
-        if self.matches is not None:
-            self._pattern = re.compile(self.matches)
         return self
 
     def describe(self) -> str:
@@ -303,7 +300,7 @@ class AttributeCondition(_Node):
         elif self.in_ is not None:
             ok = value in self.in_
         else:
-            ok = self._pattern is not None and self._pattern.search(value) is not None
+            ok = self.matches is not None and search(self.matches, value)
         # The attribute's value may identify the patient: the evidence names only the test.
         return ok, self.describe() if ok else f"not ({self.describe()})"
 

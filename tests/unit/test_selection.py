@@ -44,7 +44,7 @@ def ct(uid: str, **kw: object) -> SeriesCandidate:
     return SeriesCandidate(**base)  # type: ignore[arg-type]
 
 
-RULES = SelectionSection()
+RULES = SelectionSection(max_slice_thickness_mm=8.0)  # thick reconstructions take part here
 
 
 # -- rules -------------------------------------------------------------------
@@ -59,7 +59,7 @@ RULES = SelectionSection()
         ({"image_type": ("ORIGINAL", "PRIMARY", "LOCALIZER")}, "ImageType lacks AXIAL"),
         ({"image_type": ("DERIVED", "SECONDARY", "AXIAL")}, "ImageType lacks ORIGINAL"),
         ({"slice_count": 2}, "only 2 slices, at least 30 required"),
-        ({"slice_thickness": 10.0, "slice_spacing": 10.0}, "not a CTPA: slice thickness 10 mm exceeds the maximum 3 mm"),
+        ({"slice_thickness": 10.0, "slice_spacing": 10.0}, "not a CTPA: slice thickness 10 mm exceeds the maximum 8 mm"),
         ({"slice_thickness": 1.0, "slice_spacing": 10.0}, "slice spacing 10 mm (from ImagePositionPatient)"),
         ({"slice_thickness": None, "slice_spacing": None}, "slice thickness unknown"),
         ({"series_description": "Topogram 0.6 T20s"}, "matches the exclude pattern"),
@@ -73,7 +73,15 @@ def test_each_rule_gives_a_readable_reason(changes: dict[str, object], expected:
 
 def test_a_conforming_series_passes_and_thickness_edge_is_inclusive() -> None:
     assert check_series(ct("1.2.3.4.5"), RULES) is None
-    assert check_series(ct("1.2.3.4.5", slice_thickness=3.0, slice_spacing=3.0, slice_count=30), RULES) is None
+    assert check_series(ct("1.2.3.4.5", slice_thickness=8.0, slice_spacing=8.0, slice_count=30), RULES) is None
+
+
+def test_by_default_only_thin_reconstructions_are_read() -> None:
+    defaults = SelectionSection()
+    assert check_series(ct("1.2.3.4.5", slice_thickness=3.0, slice_spacing=3.0), defaults) is None
+    assert check_series(ct("1.2.3.4.5", slice_thickness=5.0, slice_spacing=5.0), defaults) == (
+        "not a CTPA: slice thickness 5 mm exceeds the maximum 3 mm"
+    )
 
 
 def test_thickness_falls_back_to_either_source() -> None:
@@ -151,7 +159,7 @@ def test_every_series_but_one_gets_a_reason_and_ineligible_never_chosen() -> Non
     assert out.chosen is not None and out.chosen.series_instance_uid == "1.2.3.4.4"
     assert set(out.rejected) == {"1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.3"}
     assert "ImageType lacks AXIAL" in out.rejected["1.2.3.4.1"]
-    assert out.rejected["1.2.3.4.3"] == "only 20 slices, at least 30 required"
+    assert out.rejected["1.2.3.4.3"] == "not a CTPA: only 20 slices, at least 30 required"
 
 
 def test_no_eligible_series_means_nothing_chosen() -> None:
