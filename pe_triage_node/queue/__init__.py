@@ -39,10 +39,12 @@ from pe_triage_node.queue.jobs import (
     backoff_delay,
     claim,
     complete,
+    complete_in,
     enqueue,
     fail,
     heartbeat,
     recover_stale,
+    supersede_queued,
     worker_identity,
 )
 from pe_triage_node.queue.lease import LeaseKeeper, LeaseLost, renewal_period, run_until_stopped
@@ -60,6 +62,7 @@ __all__ = [
     "backoff_delay",
     "claim",
     "complete",
+    "complete_in",
     "enqueue",
     "fail",
     "get_job",
@@ -71,5 +74,6 @@ __all__ = [
     "renewal_period",
     "requeue",
     "run_until_stopped",
+    "supersede_queued",
     "worker_identity",
 ]
