@@ -41,6 +41,7 @@ import enum
 import json
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -90,6 +91,8 @@ EXIT_NO_WEIGHTS = 3
 
 #: Folder under ``export.outputs_dir`` where a job renders before its outputs are placed (same file system).
 STAGING_DIR = ".staging"
+#: A staging folder older than this was left by a worker that died mid-job: removed at start-up.
+STALE_STAGING_S = 24 * 3600.0
 
 
 class JobOutcome(str, enum.Enum):
@@ -384,6 +387,19 @@ class InferenceWorker:
         log.warning("job %d series=%s rejected by the inference stage", job.id, current.series_instance_uid)
         return JobOutcome.rejected
 
+    def remove_stale_staging(self, older_than_s: float = STALE_STAGING_S) -> int:
+        """Remove staging folders left by workers that died mid-job (older than ``older_than_s``); returns how many."""
+        root = self.outputs_root / STAGING_DIR
+        if not root.is_dir():
+            return 0
+        cutoff = time.time() - older_than_s
+        stale = [p for p in root.iterdir() if p.is_dir() and p.stat().st_mtime < cutoff]
+        for folder in stale:
+            shutil.rmtree(folder, ignore_errors=True)
+        if stale:
+            log.info("removed %d stale staging folder(s) under %s", len(stale), root)
+        return len(stale)
+
     # -- the loop ----------------------------------------------------------------
     def run_forever(self, stop: threading.Event) -> None:
         """Run jobs until ``stop`` is set; poll every ``queue.poll_interval_s`` while idle.
@@ -392,6 +408,7 @@ class InferenceWorker:
         have to expire before another worker could take it).
         """
         log.info("worker %s started (device %s)", self.worker_id, getattr(self.model, "device", "?"))
+        self.remove_stale_staging()
         run_until_stopped(self.process_one, stop, self.cfg.queue.poll_interval_s, f"worker {self.worker_id}")
         log.info("worker %s stopped", self.worker_id)
 

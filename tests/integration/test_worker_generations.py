@@ -147,3 +147,18 @@ def test_a_job_of_a_superseded_generation_writes_and_deletes_nothing(
             s.scalars(select(JobEvent.detail).where(JobEvent.job_id == job.id, JobEvent.event == "succeeded")).one() or "")
     assert [r.generation for r in rows] == [1]
     assert list((cfg.resolve(cfg.export.outputs_dir) / STAGING_DIR).iterdir()) == [], "its staged files are gone"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_staging_left_by_a_dead_worker_is_removed_at_start_up(cfg: NodeConfig, engine: Engine) -> None:
+    import os
+
+    worker = InferenceWorker(engine, cfg, load_model(cfg))
+    root = cfg.resolve(cfg.export.outputs_dir) / STAGING_DIR
+    old, fresh = root / "job-1-dead", root / "job-2-running"
+    for folder in (old, fresh):
+        folder.mkdir(parents=True)
+        (folder / "SR_1.2.3.dcm").write_bytes(b"x")
+    os.utime(old, (1_000_000_000, 1_000_000_000))
+    assert worker.remove_stale_staging() == 1
+    assert not old.exists() and fresh.exists()
