@@ -206,3 +206,17 @@ def test_infer_outputs_and_the_worker_decide_the_same_priority(
     assert "priority STAT: " in capsys.readouterr().out
     [sr] = out.glob("SR_*.dcm")
     assert pydicom.dcmread(sr).SeriesDescription.startswith("AI PE TRIAGE: STAT")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_unreadable_spool_file_is_the_nodes_failure_not_a_rejection(
+    worker: InferenceWorker, series_files: list[Path]
+) -> None:
+    job_id = node_support.seed_selected_series(worker.engine, worker.cfg.spool_dir, series_files)
+    next(worker.cfg.spool_dir.rglob("*.dcm")).write_bytes(b"not DICOM: a damaged disk")
+    assert worker.process_one() == JobOutcome.failed
+    with Session(worker.engine) as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state == JobState.queued and "InvalidDicomError" in (job.last_error or "")
+        assert s.scalars(select(Rejection)).first() is None
+        assert s.scalars(select(Series)).one().state == SeriesState.selected
