@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 
 from pe_triage_node.export import identity
 from pe_triage_node.export.sc import build_gradcam_sc, build_summary_sc
-from pe_triage_node.export.source import library_warnings_logged, source_header
+from pe_triage_node.export.source import library_warnings_logged, slice_reference, source_header
 from pe_triage_node.export.sr import build_sr
 from pe_triage_node.inference.result import StudyResult
 from pe_triage_node.inference.volume import CTVolume
@@ -65,7 +65,9 @@ def render_outputs(
     """
     if not volume.datasets:
         raise ValueError("the outputs need the series' headers: load the volume with keep_datasets=True")
-    headers = [source_header(ds) for ds in volume.datasets]
+    # Patient, study and equipment from the first slice and each Grad-CAM slice; UIDs and geometry of the rest.
+    full = {0} | {i for i, ds in enumerate(volume.datasets) if ds.SOPInstanceUID in {gc.sop_instance_uid for gc in result.gradcam}}
+    headers = [source_header(ds) if i in full else slice_reference(ds) for i, ds in enumerate(volume.datasets)]
     by_sop = {str(h.SOPInstanceUID): h for h in headers}
     uids = identity.OutputUIDs(result.series_instance_uid, result.model_version, uid_prefix, generation)
     with library_warnings_logged(f"outputs of series={result.series_instance_uid}"):

@@ -4,7 +4,8 @@ A source header from a scanner can carry anything: a private element whose
 value does not fit its VR (a Philips (01F1,1026) holding text in a binary VR
 makes pydicom raise ``BytesLengthException`` when it is converted), a
 malformed optional attribute. The SR and the SCs are built from
-:func:`source_header` copies that hold only :data:`SOURCE_ATTRIBUTES`, each
+:func:`source_header` copies that hold only :data:`SOURCE_ATTRIBUTES` (and
+:func:`slice_reference` copies of the slices they only reference), each
 read on its own: an element the outputs do not name is never read, and one
 they name but cannot read is left out (Type 2 ones are left empty), with its
 keyword logged, never its value.
@@ -25,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag, Tag
 
 log = logging.getLogger(__name__)
 
@@ -83,19 +85,59 @@ SOURCE_ATTRIBUTES: tuple[str, ...] = (
 )
 
 
-def source_header(ds: Dataset) -> Dataset:
-    """A new dataset holding :data:`SOURCE_ATTRIBUTES` of ``ds``; unreadable ones left out (Type 2: empty)."""
+#: What the outputs read of every other slice: evidence UIDs, order, and the geometry of the summary's
+#: coronal view and of the Image Library descriptors (taken from the lowest InstanceNumber, any slice).
+SLICE_ATTRIBUTES: tuple[str, ...] = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "InstanceNumber",
+    "Modality",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "SliceThickness",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+)
+
+
+def _tags(keywords: tuple[str, ...]) -> tuple[tuple[str, BaseTag], ...]:
+    return tuple((k, Tag(k)) for k in keywords)
+
+
+_SOURCE_TAGS = _tags(SOURCE_ATTRIBUTES)
+_SLICE_TAGS = _tags(SLICE_ATTRIBUTES)
+
+
+def _copy(ds: Dataset, tags: tuple[tuple[str, BaseTag], ...]) -> Dataset:
     out = Dataset()
-    for keyword in SOURCE_ATTRIBUTES:
+    for keyword, tag in tags:
         try:
-            if keyword in ds:
-                out[keyword] = ds[keyword]  # converts the raw element: a malformed value raises here
+            if tag in ds:
+                out.add(ds[tag])  # converts the raw element: a malformed value raises here
         except Exception:  # noqa: BLE001 - pydicom raises many types for a malformed value
             log.warning("source attribute %s unreadable: left out of the outputs", keyword)
+    return out
+
+
+def source_header(ds: Dataset) -> Dataset:
+    """A new dataset holding :data:`SOURCE_ATTRIBUTES` of ``ds``; unreadable ones left out (Type 2: empty).
+
+    What the SR and an SC copy patient, study and equipment from.
+    """
+    out = _copy(ds, _SOURCE_TAGS)
     for keyword in TYPE2_ATTRIBUTES:
         if keyword not in out:
             setattr(out, keyword, "")
     return out
+
+
+def slice_reference(ds: Dataset) -> Dataset:
+    """A new dataset holding :data:`SLICE_ATTRIBUTES` of ``ds`` (a slice the outputs only reference)."""
+    return _copy(ds, _SLICE_TAGS)
 
 
 @contextmanager

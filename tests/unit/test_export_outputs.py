@@ -287,3 +287,17 @@ def test_library_warnings_are_logged_without_the_patient_data_they_quote(
     assert "library UserWarning" in text, "the warning is still reported, without its text"
     for phi in (name, "PID-778899", "ACC-445566", "19471103"):
         assert phi not in text
+
+
+def test_a_series_numbered_head_first_renders_the_same_descriptors(result: StudyResult, tmp_path: Path) -> None:
+    """Instance 1 at the head (many scanners): the Image Library's shared descriptors come from another slice."""
+    series = es.write_series(tmp_path / "series")
+    files = sorted(series.glob("*.dcm"), key=lambda p: int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber))
+    for number, path in enumerate(reversed(files), start=1):
+        ds = pydicom.dcmread(path)
+        ds.InstanceNumber = number
+        ds.save_as(path, enforce_file_format=True)
+    sr = render_outputs(result, es.load_volume(series), es.decision())[0]
+    library = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Image Library")
+    shared = {i.ConceptNameCodeSequence[0].CodeMeaning for i in library.ContentSequence[0].ContentSequence if i.ValueType != "IMAGE"}
+    assert {"Modality", "Frame of Reference UID", "Pixel Data Rows", "Pixel Data Columns", "Horizontal Pixel Spacing"} <= shared
