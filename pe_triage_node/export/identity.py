@@ -56,7 +56,6 @@ KIND_SR = "sr"
 KIND_SC_SERIES = "sc-series"
 KIND_SC_SUMMARY = "sc-summary"
 KIND_SC_GRADCAM = "sc-gradcam"
-KIND_DEVICE = "device"
 KIND_TRACKING = "tracking"
 
 

@@ -60,7 +60,6 @@ MAX_ERROR_CHARS = 4000
 _UID_MAX = 64
 _DEDUPE_MAX = 200
 _WORKER_MAX = 128
-_ACTIVE = (JobState.queued, JobState.running)
 # The predicate of the partial index uq_jobs_active_dedupe, spelled with literals:
 # with bound parameters neither SQLite nor a generic PostgreSQL plan can use that index.
 _ACTIVE_SQL = "jobs.state IN ('queued','running')"
