@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from pe_triage_node.cli import add_config_option, config_from_args
@@ -27,8 +28,13 @@ def _infer(args: argparse.Namespace) -> int:
     try:
         engine = InferenceEngine.from_config(section, weights_manifest=args.weights, device=args.device, random_weights=args.random_weights)
         # With --outputs the headers are kept: the SR and SCs are rendered from the volume analysed, as in the worker.
+        t0 = time.perf_counter()
         volume = load_ct_volume(args.dicom_dir, max_tilt_deg=engine.max_tilt_deg, keep_datasets=True) if args.outputs else None
+        load_s = time.perf_counter() - t0
         result = engine.analyse(volume if volume is not None else args.dicom_dir)
+        if volume is not None:
+            result.timings_s["load"] = round(load_s, 4)
+            result.timings_s["total"] = round(result.timings_s["total"] + load_s, 4)
     except WeightsError as exc:
         print(f"pe-triage infer: {exc}", file=sys.stderr)
         return 2
