@@ -17,6 +17,7 @@ import numpy as np
 
 from pe_triage_node.inference.labels import STUDY_LABELS, WINDOW_LABEL
 from pe_triage_node.inference.result import StudyResult
+from pe_triage_node.inference.volume import CTVolume, load_ct_volume
 from pe_triage_node.rules import Priority, PriorityDecision
 from pe_triage_node.synth.ct_series import StudyIdentity, write_ct_series
 
@@ -29,6 +30,8 @@ IDENTITY = StudyIdentity(
     accession_number="ACC77",
 )
 SERIES_UID = "1.2.826.0.1.3680043.10.1453.77.2"
+#: A contrast-enhanced CTPA says so (the synthetic chest also has an enhanced pulmonary trunk).
+CONTRAST = {"ContrastBolusAgent": "IOMEPROL 350"}
 
 
 def chest_volume(nz: int = 30, n: int = 64) -> np.ndarray:
@@ -49,8 +52,38 @@ def chest_volume(nz: int = 30, n: int = 64) -> np.ndarray:
 def write_series(out_dir: Path) -> Path:
     """30 axial slices of 64 x 64 at 1.5 mm, 2 mm apart, one series of :data:`IDENTITY`'s study."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_ct_series(chest_volume(), out_dir, pixel_spacing=(1.5, 1.5), slice_spacing=2.0, study=IDENTITY, series_instance_uid=SERIES_UID)
+    write_ct_series(chest_volume(), out_dir, pixel_spacing=(1.5, 1.5), slice_spacing=2.0, study=IDENTITY,
+                    series_instance_uid=SERIES_UID, extra=CONTRAST)
     return out_dir
+
+
+#: A private element holding text in a binary VR, as a Philips scanner writes (01F1,1026):
+#: pydicom raises ``BytesLengthException`` when anything converts it.
+MALFORMED_TAG = 0x01F11026
+
+
+def add_malformed_private_element(paths: list[Path]) -> None:
+    """Give every file a private (01F1,1026) element of VR FD holding 6 bytes of text (FD needs multiples of 8).
+
+    Written as SH (same explicit-VR header layout), then the VR bytes patched to FD.
+    """
+    import pydicom
+
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.add_new(0x01F10010, "LO", "ELSCINT1")
+        ds.add_new(MALFORMED_TAG, "SH", "V1.0 ")
+        ds.save_as(path, enforce_file_format=True)
+        raw = path.read_bytes()
+        marker = bytes.fromhex("f1012610") + b"SH"
+        if raw.count(marker) != 1:
+            raise RuntimeError(f"{path.name}: the private element is not where it was written")
+        path.write_bytes(raw.replace(marker, bytes.fromhex("f1012610") + b"FD"))
+
+
+def load_volume(series_dir: Path) -> CTVolume:
+    """The series as the worker loads it: HU volume and headers (what the outputs are rendered from)."""
+    return load_ct_volume(series_dir, keep_datasets=True)
 
 
 def analyse(series_dir: Path, seed: int = 0) -> StudyResult:

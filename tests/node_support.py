@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from pe_triage_node.db.models import Instance, JobKind, Series, SeriesState, Study
@@ -96,7 +96,7 @@ def tiny_series(out_dir: Path, study_uid: str, series_uid: str, *, slices: int =
     ident = StudyIdentity(study_instance_uid=study_uid, patient_id="WORKER-TEST", patient_name="Worker^Test")
     return write_ct_series(
         export_support.chest_volume(nz=slices), out_dir, pixel_spacing=(1.5, 1.5), slice_spacing=2.0,
-        study=ident, series_instance_uid=series_uid, name_files_by_uid=True,
+        study=ident, series_instance_uid=series_uid, name_files_by_uid=True, extra=export_support.CONTRAST,
     )
 
 
@@ -105,7 +105,8 @@ def seed_selected_series(
     priority: int = 0,
 ) -> int:
     """Put ``files`` (one series) in the spool with their rows, series ``selected``, and queue its
-    ``infer`` job as the assembler does; returns the job id."""
+    ``infer`` job as the assembler does; returns the job id. Called again for the same series
+    (with more files and a higher ``generation``) it re-opens it as late instances do."""
     import pydicom
 
     from pe_triage_node.dicom.spool import Spool
@@ -113,16 +114,19 @@ def seed_selected_series(
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
     first = headers[0]
     with Session(engine) as s, s.begin():
-        study = Study(study_instance_uid=first.StudyInstanceUID, patient_id=str(first.get("PatientID", "")))
-        s.add(study)
+        series = s.scalars(select(Series).where(Series.series_instance_uid == first.SeriesInstanceUID)).one_or_none()
+        if series is None:
+            study = Study(study_instance_uid=first.StudyInstanceUID, patient_id=str(first.get("PatientID", "")))
+            s.add(study)
+            s.flush()
+            series = Series(study_id=study.id, series_instance_uid=first.SeriesInstanceUID, modality="CT")
+            s.add(series)
+        series.state, series.generation, series.instance_count = SeriesState.selected, generation, len(files)
         s.flush()
-        series = Series(
-            study_id=study.id, series_instance_uid=first.SeriesInstanceUID, modality="CT",
-            state=SeriesState.selected, instance_count=len(files), generation=generation,
-        )
-        s.add(series)
-        s.flush()
+        known = set(s.scalars(select(Instance.sop_instance_uid).where(Instance.series_id == series.id)))
         for path, ds in zip(files, headers):
+            if ds.SOPInstanceUID in known:
+                continue
             rel = Spool.relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
             target = spool_dir / rel
             target.parent.mkdir(parents=True, exist_ok=True)

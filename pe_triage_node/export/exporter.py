@@ -17,15 +17,14 @@ Consumer side: :class:`Exporter` claims export jobs one at a time, heartbeats
 while sending, completes on delivery (warning statuses 0xB000/0xB006/0xB007
 count as delivered), otherwise records the failure with an exponential backoff
 (``backoff_delay``) until ``max_attempts`` and then dead-letters the job with
-its last error. :meth:`Exporter.run_forever` polls with an APScheduler
-``BackgroundScheduler`` and schedules an extra run at each retry's due time.
+its last error. :meth:`Exporter.run_forever` runs jobs one after the other and
+polls every ``export.poll_interval_s`` while none is due.
 
 Logs and webhook bodies never carry patient names or IDs.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -36,17 +35,27 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from pe_triage_node.config import ExportSection, NodeConfig
-from pe_triage_node.db.models import JobKind, JobState
+from pe_triage_node.db.models import JobKind
 from pe_triage_node.export import identity
 from pe_triage_node.export.findings import main_finding, positive_findings
 from pe_triage_node.export.sender import SendReport, send_files
 from pe_triage_node.inference.result import StudyResult
-from pe_triage_node.queue import ClaimedJob, backoff_delay, claim, complete, enqueue, fail, heartbeat, worker_identity
+from pe_triage_node.queue import (
+    ClaimedJob,
+    LeaseKeeper,
+    backoff_delay,
+    claim,
+    complete,
+    enqueue,
+    fail,
+    renewal_period,
+    run_until_stopped,
+    worker_identity,
+)
 from pe_triage_node.rules import Priority, PriorityDecision, priority_rank
 
 log = logging.getLogger(__name__)
@@ -148,27 +157,6 @@ def post_webhook(url: str, body: dict[str, Any], *, timeout_s: float) -> int:
     return status
 
 
-class _Heartbeat:
-    """Renew a job's lease from a background thread while it runs."""
-
-    def __init__(self, engine: Engine, job_id: int, worker_id: str, every_s: float) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(engine, job_id, worker_id, every_s), daemon=True, name=f"heartbeat-{job_id}")
-
-    def _run(self, engine: Engine, job_id: int, worker_id: str, every_s: float) -> None:
-        while not self._stop.wait(every_s):
-            if not heartbeat(engine, job_id, worker_id):
-                return
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
 class Exporter:
     """Claims and runs export jobs (C-STORE per destination, webhook POSTs) for one node configuration."""
 
@@ -177,8 +165,6 @@ class Exporter:
         self.cfg = cfg
         self.worker_id = worker_id or worker_identity("exporter")
         self._destinations = {d.name: d for d in cfg.export.destinations}
-        self._scheduler: BackgroundScheduler | None = None
-        self._drain_lock = threading.Lock()
 
     # one job
     def process_one(self) -> bool:
@@ -187,18 +173,16 @@ class Exporter:
         job = claim(self.engine, JobKind.export, self.worker_id, lease_s=ex.lease_s, max_wait_s=self.cfg.queue.max_wait_s)
         if job is None:
             return False
-        every = max(0.5, min(self.cfg.queue.heartbeat_s, ex.lease_s / 3))
+        every = renewal_period(self.cfg.queue.heartbeat_s, ex.lease_s, floor_s=0.5)
         try:
-            with _Heartbeat(self.engine, job.id, self.worker_id, every):
+            with LeaseKeeper(self.engine, job.id, self.worker_id, every):
                 detail = self._run(job)
         except PermanentExportError as exc:
             fail(self.engine, job.id, self.worker_id, str(exc), retry=False)
             return True
         except Exception as exc:  # noqa: BLE001 - any failure becomes the job's last_error
             delay = backoff_delay(job.attempts, ex.backoff_base_s, ex.backoff_cap_s)
-            state = fail(self.engine, job.id, self.worker_id, f"{type(exc).__name__}: {exc}", retry_delay_s=delay)
-            if state == JobState.queued:
-                self._schedule_retry(delay)
+            fail(self.engine, job.id, self.worker_id, f"{type(exc).__name__}: {exc}", retry_delay_s=delay)
             return True
         complete(self.engine, job.id, self.worker_id, detail)
         return True
@@ -236,42 +220,19 @@ class Exporter:
         return report.summary()
 
     # the loop
-    def drain(self, limit: int = 1000) -> int:
-        """Run due jobs until none is left (at most ``limit``); returns how many ran. One drain at a time."""
-        if not self._drain_lock.acquire(blocking=False):
-            return 0
-        try:
-            n = 0
-            while n < limit and self.process_one():
-                n += 1
-            return n
-        finally:
-            self._drain_lock.release()
-
-    def _schedule_retry(self, delay_s: float) -> None:
-        if self._scheduler is not None and self._scheduler.running:
-            at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=delay_s + 0.05)
-            self._scheduler.add_job(self.drain, "date", run_date=at, misfire_grace_time=None)
-
     def run_forever(self, stop_event: threading.Event, *, on_start: Callable[[], None] | None = None) -> None:
-        """Poll every ``export.poll_interval_s`` (APScheduler) until ``stop_event`` is set, then stop cleanly."""
-        scheduler = BackgroundScheduler(timezone=dt.timezone.utc)
-        scheduler.add_job(
-            self.drain, "interval", seconds=self.cfg.export.poll_interval_s, id="export-poll",
-            max_instances=1, coalesce=True, next_run_time=dt.datetime.now(dt.timezone.utc),
-        )
-        self._scheduler = scheduler
-        scheduler.start()
+        """Run export jobs one after the other until ``stop_event`` is set; poll every
+        ``export.poll_interval_s`` while none is due (a retry is due once its backoff passed).
+
+        One loop, one job at a time: a send that takes longer than the poll
+        interval simply delays the next poll. A job in progress is finished before returning.
+        """
         log.info("exporter %s started: %d destination(s), webhook %s",
                  self.worker_id, len(self._destinations), "on" if self.cfg.export.webhook_url else "off")
         if on_start is not None:
             on_start()
-        try:
-            stop_event.wait()
-        finally:
-            scheduler.shutdown(wait=True)
-            self._scheduler = None
-            log.info("exporter %s stopped", self.worker_id)
+        run_until_stopped(self.process_one, stop_event, self.cfg.export.poll_interval_s, f"exporter {self.worker_id}")
+        log.info("exporter %s stopped", self.worker_id)
 
 
 def run_exporter_service(cfg: NodeConfig, stop_event: threading.Event | None = None) -> None:

@@ -2,12 +2,18 @@
 
 Every object the node sends back to PACS (the TID 1500 SR, the Grad-CAM and
 summary Secondary Captures) gets Series and SOP Instance UIDs *derived* from
-the analysed source series, the model version and the object's kind (and
-index), never random ones: a re-run of the same model on the same series
-produces the same UIDs, so the PACS replaces the earlier object instead of
-filing a duplicate (PS3.3 C.12.1: a SOP Instance UID names one instance; a
-re-send with the same UID is the same instance). A new model version gives new
-UIDs, so its results stand beside the old ones.
+the analysed source series, its generation, the model version and the
+object's kind (and index), never random ones: a re-run of the same model on
+the same series generation (a retry, a worker that died) produces the same
+UIDs, so a re-send is the same instance again, not a duplicate (PS3.3 C.12.1).
+
+A *corrected* result gets new UIDs: late instances re-open a series (a new
+generation) or a new model version analyses it. A PACS keeps the first copy
+of a SOP instance it already holds (Orthanc's default ``OverwriteInstances:
+false``), so re-using the UIDs would leave the superseded finding in place;
+with new UIDs the new objects are stored beside the old ones, and the new SR
+names the one it replaces in its Predecessor Documents Sequence (PS3.3
+C.17.2.1).
 
 The UIDs come from :func:`pydicom.uid.generate_uid` with ``entropy_srcs``:
 a SHA-512 hash of the sources, turned into digits under our prefix (PS3.5 9.1,
@@ -50,21 +56,27 @@ KIND_SR = "sr"
 KIND_SC_SERIES = "sc-series"
 KIND_SC_SUMMARY = "sc-summary"
 KIND_SC_GRADCAM = "sc-gradcam"
-KIND_DEVICE = "device"
+KIND_TRACKING = "tracking"
 
 
-def derived_uid(source_series_uid: str, model_version: str, kind: str, index: int = 0, *, prefix: str = OUTPUT_UID_PREFIX) -> str:
-    """The UID of output ``kind`` (``index``-th of that kind) for one source series and model version.
+def derived_uid(
+    source_series_uid: str, model_version: str, kind: str, index: int = 0, *, generation: int = 0,
+    prefix: str = OUTPUT_UID_PREFIX,
+) -> str:
+    """The UID of output ``kind`` (``index``-th of that kind) for one source series generation and model version.
 
-    Equal inputs give equal UIDs (a re-run replaces); any different input gives a
-    different UID. Raises :class:`ValueError` for a source UID that is not a UID.
+    Equal inputs give equal UIDs (a re-run is the same instance); any different
+    input gives a different UID. Raises :class:`ValueError` for a source UID
+    that is not a UID.
     """
     if not is_valid_uid(source_series_uid):
         raise ValueError(f"not a valid source Series Instance UID: {source_series_uid!r}")
     if not model_version:
         raise ValueError("model_version must not be empty")
-    uid = generate_uid(prefix, entropy_srcs=["pe-triage-output/1", source_series_uid, model_version, kind, str(int(index))])
-    return str(uid)
+    sources = ["pe-triage-output/1", source_series_uid, model_version, kind, str(int(index))]
+    if generation:  # generation 0 keeps the UIDs the node derived before generations were part of them
+        sources.append(f"generation {int(generation)}")
+    return str(generate_uid(prefix, entropy_srcs=sources))
 
 
 def device_uid(model_name: str, model_version: str, *, prefix: str = OUTPUT_UID_PREFIX) -> str:
@@ -74,14 +86,20 @@ def device_uid(model_name: str, model_version: str, *, prefix: str = OUTPUT_UID_
 
 @dataclass(frozen=True)
 class OutputUIDs:
-    """The UIDs of one output set: derive them once, use them in the SR and every SC."""
+    """The UIDs of one output set (one source series generation, one model version): the SR and every SC."""
 
     source_series_uid: str
     model_version: str
     prefix: str = OUTPUT_UID_PREFIX
+    generation: int = 0
 
     def _uid(self, kind: str, index: int = 0) -> str:
-        return derived_uid(self.source_series_uid, self.model_version, kind, index, prefix=self.prefix)
+        return derived_uid(self.source_series_uid, self.model_version, kind, index, generation=self.generation, prefix=self.prefix)
+
+    @property
+    def tracking(self) -> str:
+        """Tracking UID of the finding (TID 1501)."""
+        return self._uid(KIND_TRACKING)
 
     @property
     def sr_series(self) -> str:

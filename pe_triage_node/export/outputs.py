@@ -1,10 +1,13 @@
 """Everything the node sends back for one analysed series: the SR and the Secondary Captures.
 
-``render_outputs`` builds them in memory; ``write_outputs`` also writes them as
-DICOM Part 10 files (what the export jobs send and what ``pe-triage infer
---outputs`` leaves for inspection). File names are the SOP Instance UIDs, which
-are derived (see :mod:`pe_triage_node.export.identity`): a re-run overwrites
-the same files.
+``render_outputs`` builds them in memory from the result and the loaded
+volume (its headers, as :func:`~.source.source_header` copies them, and its
+HU); ``write_outputs`` also writes them as DICOM Part 10 files (what the
+export jobs send and what ``pe-triage infer --outputs`` leaves for
+inspection), and PNG copies of the SCs for the web study page. File names are
+the SOP Instance UIDs, which are derived (see
+:mod:`pe_triage_node.export.identity`): a re-run of the same generation writes
+the same files; a corrected result writes new ones.
 """
 
 from __future__ import annotations
@@ -12,23 +15,23 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
-from pe_triage_node.errors import InputRejected
 from pe_triage_node.export import identity
-from pe_triage_node.export.sc import SliceHU, build_gradcam_sc, build_summary_sc, hu_image
+from pe_triage_node.export.sc import build_gradcam_sc, build_summary_sc
+from pe_triage_node.export.source import library_warnings_logged, slice_reference, source_header
 from pe_triage_node.export.sr import build_sr
 from pe_triage_node.inference.result import StudyResult
-from pe_triage_node.rules import PriorityDecision
+from pe_triage_node.inference.volume import CTVolume
+from pe_triage_node.rules import PriorityDecision, Triage, parse_rules, triage
 
 log = logging.getLogger(__name__)
 
-SourceLike = Path | str | Sequence[Dataset]
+#: Names of the PNG copies of the SCs (the web study page shows them).
+SUMMARY_PNG = "summary.png"
+GRADCAM_PNG = "gradcam-{n}.png"
 
 
 def warm_up() -> None:
@@ -44,60 +47,38 @@ def warm_up() -> None:
             loader()
 
 
-def load_source_series(source: SourceLike, series_instance_uid: str) -> list[Dataset]:
-    """The datasets of ``series_instance_uid``: from a folder (searched recursively) or a given list.
-
-    Raises :class:`InputRejected` when none is found.
-    """
-    if isinstance(source, (str, Path)):
-        found: list[Dataset] = []
-        for path in sorted(Path(source).rglob("*")):
-            if not path.is_file():
-                continue
-            try:
-                ds = pydicom.dcmread(path)
-            except (InvalidDicomError, OSError):
-                continue
-            if getattr(ds, "SeriesInstanceUID", None) == series_instance_uid and "PixelData" in ds:
-                found.append(ds)
-    else:
-        found = [ds for ds in source if getattr(ds, "SeriesInstanceUID", None) == series_instance_uid]
-    if not found:
-        raise InputRejected(f"no instance of series {series_instance_uid} in the source given")
-    return found
-
-
 def render_outputs(
     result: StudyResult,
-    source: SourceLike,
+    volume: CTVolume,
     decision: PriorityDecision,
     *,
     uid_prefix: str = identity.OUTPUT_UID_PREFIX,
-    institution_name: str | None = None,
-    gradcam: bool = True,
-    summary: bool = True,
-    hu_of: SliceHU = hu_image,
+    generation: int = 0,
+    previous: identity.OutputUIDs | None = None,
 ) -> list[Dataset]:
     """The SR (first), the summary SC and one Grad-CAM SC per map, for one result.
 
-    ``source``: the analysed series (a folder or its datasets). The SCs take each
-    slice's HU from ``hu_of``: by default decoded from the dataset's pixel data;
-    the worker passes the loaded volume's (:meth:`CTVolume.slice_hu`), so that
-    its datasets need no pixel data.
+    ``volume``: the analysed series, loaded with ``keep_datasets=True`` (its
+    headers); the SCs take each slice's HU from it. ``generation``: the series
+    generation analysed (part of every UID); ``previous``: the output set this
+    result corrects, named by the SR as its predecessor.
     """
-    datasets = load_source_series(source, result.series_instance_uid)
-    by_sop = {ds.SOPInstanceUID: ds for ds in datasets}
-    uids = identity.OutputUIDs(result.series_instance_uid, result.model_version, uid_prefix)
-    out: list[Dataset] = [build_sr(result, decision, datasets, prefix=uid_prefix, institution_name=institution_name)]
-    if summary:
-        out.append(build_summary_sc(result, decision, datasets, uids, hu_of))
-    if gradcam:
+    if not volume.datasets:
+        raise ValueError("the outputs need the series' headers: load the volume with keep_datasets=True")
+    # Patient, study and equipment from the first slice and each Grad-CAM slice; UIDs and geometry of the rest.
+    full = {0} | {i for i, ds in enumerate(volume.datasets) if ds.SOPInstanceUID in {gc.sop_instance_uid for gc in result.gradcam}}
+    headers = [source_header(ds) if i in full else slice_reference(ds) for i, ds in enumerate(volume.datasets)]
+    by_sop = {str(h.SOPInstanceUID): h for h in headers}
+    uids = identity.OutputUIDs(result.series_instance_uid, result.model_version, uid_prefix, generation)
+    with library_warnings_logged(f"outputs of series={result.series_instance_uid}"):
+        out: list[Dataset] = [build_sr(result, decision, headers, uids, previous=previous)]
+        out.append(build_summary_sc(result, decision, headers, uids, volume.slice_hu))
         for index, gc in enumerate(result.gradcam):
             src = by_sop.get(gc.sop_instance_uid)
             if src is None:
                 log.warning("grad-cam %d: source slice not in the series given, skipped series=%s", index, result.series_instance_uid)
                 continue
-            out.append(build_gradcam_sc(result, decision, gc, index, src, uids, hu_of))
+            out.append(build_gradcam_sc(result, decision, gc, index, src, uids, volume.slice_hu))
     log.info("rendered %d output objects series=%s priority=%s", len(out), result.series_instance_uid, decision.priority.value)
     return out
 
@@ -124,46 +105,52 @@ def save_atomically(ds: Dataset, path: Path) -> None:
         raise
 
 
+def write_pngs(datasets: list[Dataset], out_dir: Path) -> list[Path]:
+    """PNG copies of the Secondary Captures (``datasets`` in :func:`render_outputs` order):
+    :data:`SUMMARY_PNG`, then ``gradcam-1.png``, ..."""
+    from PIL import Image
+
+    paths = []
+    scs = [ds for ds in datasets if ds.Modality != "SR" and "PixelData" in ds]
+    for i, ds in enumerate(scs):
+        arr = ds.pixel_array
+        name = SUMMARY_PNG if i == 0 else GRADCAM_PNG.format(n=i)
+        tmp = out_dir / f".tmp-{name}"
+        Image.fromarray(arr, "RGB" if arr.ndim == 3 else "L").save(tmp, format="PNG")
+        os.replace(tmp, out_dir / name)
+        paths.append(out_dir / name)
+    return paths
+
+
 def write_outputs(
     result: StudyResult,
-    source: SourceLike,
+    volume: CTVolume,
     decision: PriorityDecision,
     out_dir: Path,
     *,
     uid_prefix: str = identity.OUTPUT_UID_PREFIX,
-    institution_name: str | None = None,
+    generation: int = 0,
+    previous: identity.OutputUIDs | None = None,
+    pngs: bool = False,
 ) -> list[Path]:
-    """Render and write the outputs under ``out_dir``; returns the file paths (SR first)."""
+    """Render and write the outputs under ``out_dir`` (and their PNGs when ``pngs``); returns the DICOM paths, SR first."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    datasets = render_outputs(result, volume, decision, uid_prefix=uid_prefix, generation=generation, previous=previous)
     paths = []
-    for ds in render_outputs(result, source, decision, uid_prefix=uid_prefix, institution_name=institution_name):
-        path = Path(out_dir) / output_filename(ds)
+    for ds in datasets:
+        path = out_dir / output_filename(ds)
         save_atomically(ds, path)
         paths.append(path)
+    if pngs:
+        write_pngs(datasets, out_dir)
     return paths
 
 
-def standalone_decision(result: StudyResult, datasets: Sequence[Dataset], rules_path: Path | None = None) -> PriorityDecision:
-    """The priority from the rules file in force without a database (``rules_path``, else
-    ``config/rules.toml``, else the packaged defaults), for ``pe-triage infer --outputs``."""
-    from pe_triage_node.rules import STORED_ATTRIBUTES, parse_rules, priority_for
+def standalone_triage(result: StudyResult, volume: CTVolume, rules_path: Path | None = None) -> Triage:
+    """The priority from the rules in force without a database (``rules_path``, else
+    ``config/rules.toml``, else the packaged defaults), decided as the worker decides it."""
     from pe_triage_node.rules.store import fallback_rules_text
 
-    text, where = fallback_rules_text(rules_path)
-    rules = parse_rules(text, where)
-    first = datasets[0]
-    attributes = {k: str(v) for k in STORED_ATTRIBUTES if (v := first.get(k)) not in (None, "")}
-    return priority_for(result, attributes, rules)
-
-
-def write_standalone_outputs(
-    result: StudyResult,
-    dicom_dir: Path,
-    out_dir: Path,
-    *,
-    rules_path: Path | None = None,
-    uid_prefix: str = identity.OUTPUT_UID_PREFIX,
-) -> tuple[PriorityDecision, list[Path]]:
-    """What ``pe-triage infer DICOM_DIR --outputs OUT_DIR`` does: decide the priority and write the SR and SCs."""
-    datasets = load_source_series(dicom_dir, result.series_instance_uid)
-    decision = standalone_decision(result, datasets, rules_path)
-    return decision, write_outputs(result, datasets, decision, out_dir, uid_prefix=uid_prefix)
+    rules = parse_rules(*fallback_rules_text(rules_path))
+    with library_warnings_logged(f"rules attributes of series={result.series_instance_uid}"):
+        return triage(result, volume.datasets[0], rules)

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian
 
 from pe_triage_node.export import identity
 from pe_triage_node.export.findings import chronicity, is_positive, label_probability, label_text, series_description
@@ -206,14 +206,11 @@ def _study_evaluations(result: StudyResult, decision: PriorityDecision) -> hd.sr
 
 
 def build_measurement_report(
-    result: StudyResult, decision: PriorityDecision, source_datasets: Sequence[Dataset], *, prefix: str = identity.OUTPUT_UID_PREFIX
+    result: StudyResult, decision: PriorityDecision, source_datasets: Sequence[Dataset], uids: identity.OutputUIDs
 ) -> hd.sr.MeasurementReport:
     """The TID 1500 content tree for ``result`` (``source_datasets``: the analysed series' headers)."""
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=identity.derived_uid(result.series_instance_uid, result.model_version, "tracking", prefix=prefix),
-            identifier="PE triage",
-        ),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uids.tracking, identifier="PE triage"),
         finding_type=PULMONARY_EMBOLISM,
         algorithm_id=algorithm_identification(result),
         finding_sites=[hd.sr.FindingSite(PULMONARY_ARTERY)],
@@ -221,7 +218,7 @@ def build_measurement_report(
         qualitative_evaluations=_qualitative(result),
     )
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=_device_observer(result, prefix)),
+        observation_context=hd.sr.ObservationContext(observer_device_context=_device_observer(result, uids.prefix)),
         procedure_reported=CT_ANGIOGRAPHY,
         imaging_measurements=[group],
     )
@@ -259,44 +256,41 @@ def image_library(datasets: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
     return library
 
 
-def _evidence(datasets: Sequence[Dataset]) -> list[Dataset]:
-    """What the SR needs of its evidence: the first header in full (patient and study are copied from
-    it; pixel data left out) and the UIDs of the rest (copying full headers costs seconds)."""
-    first = Dataset()
-    for elem in datasets[0]:
-        if elem.keyword != "PixelData":
-            first.add(elem)
-    out = [first]
-    for ds in datasets[1:]:
-        light = Dataset()
-        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-            setattr(light, keyword, getattr(ds, keyword))
-        out.append(light)
-    return out
+def predecessor_reference(study_instance_uid: str, previous: identity.OutputUIDs) -> Dataset:
+    """The SR of an earlier output set, as highdicom's ``previous_versions`` takes it (PS3.3 C.17.2.1)."""
+    ds = Dataset()
+    ds.StudyInstanceUID = study_instance_uid
+    ds.SeriesInstanceUID = previous.sr_series
+    ds.SOPClassUID = Comprehensive3DSRStorage
+    ds.SOPInstanceUID = previous.sr_instance
+    return ds
 
 
 def build_sr(
     result: StudyResult,
     decision: PriorityDecision,
     source_datasets: Sequence[Dataset],
+    uids: identity.OutputUIDs,
     *,
-    prefix: str = identity.OUTPUT_UID_PREFIX,
-    institution_name: str | None = None,
+    previous: identity.OutputUIDs | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The Comprehensive 3D SR of one result, patient and study copied from the source series.
 
-    UIDs are derived (:class:`identity.OutputUIDs`): a re-run replaces. Raises
-    :class:`ValueError` when ``source_datasets`` is empty or from another series.
+    ``source_datasets``: the analysed series' headers as :func:`~.source.source_header`
+    copies them (the first gives patient and study; every one is evidence).
+    ``previous``: the output set this result corrects; its SR is named in the
+    Predecessor Documents Sequence. Raises :class:`ValueError` when
+    ``source_datasets`` is empty or from another series.
     """
     if not source_datasets:
         raise ValueError("the SR needs the analysed series' datasets (none given)")
     for ds in source_datasets:
         if ds.SeriesInstanceUID != result.series_instance_uid:
             raise ValueError("a source dataset belongs to another series than the result")
-    uids = identity.OutputUIDs(result.series_instance_uid, result.model_version, prefix)
-    report = build_measurement_report(result, decision, source_datasets, prefix=prefix)
+    report = build_measurement_report(result, decision, source_datasets, uids)
+    study_uid = str(source_datasets[0].StudyInstanceUID)
     sr = hd.sr.Comprehensive3DSR(
-        evidence=_evidence(source_datasets),
+        evidence=source_datasets,
         content=report,
         series_instance_uid=uids.sr_series,
         series_number=identity.SR_SERIES_NUMBER,
@@ -306,12 +300,12 @@ def build_sr(
         is_complete=True,
         is_final=False,
         is_verified=False,
-        institution_name=institution_name,
         series_description=series_description(decision, result.labels),
         manufacturer_model_name=result.model_name[:64],
         software_versions=f"{identity.SOFTWARE_VERSION} model {result.model_version}"[:64],
         device_serial_number=result.model_version[:64],
         transfer_syntax_uid=ExplicitVRLittleEndian,
+        previous_versions=[predecessor_reference(study_uid, previous)] if previous is not None else None,
     )
     sr.CodingSchemeIdentificationSequence = [coding_scheme_identification()]
     return sr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from pe_triage_node.cli import add_config_option, config_from_args
@@ -14,6 +15,7 @@ def _infer(args: argparse.Namespace) -> int:
     """Run the inference engine on one folder (torch is imported here, not at start-up)."""
     from pe_triage_node.inference.engine import InferenceEngine
     from pe_triage_node.inference.result import findings_block
+    from pe_triage_node.inference.volume import load_ct_volume
 
     cfg = config_from_args(args)
     section = cfg.inference
@@ -25,7 +27,14 @@ def _infer(args: argparse.Namespace) -> int:
         print("pe-triage infer: WARNING: --random-weights: the output is MEANINGLESS (smoke tests and benchmarks only)", file=sys.stderr)
     try:
         engine = InferenceEngine.from_config(section, weights_manifest=args.weights, device=args.device, random_weights=args.random_weights)
-        result = engine.analyse(args.dicom_dir)
+        # With --outputs the headers are kept: the SR and SCs are rendered from the volume analysed, as in the worker.
+        t0 = time.perf_counter()
+        volume = load_ct_volume(args.dicom_dir, max_tilt_deg=engine.max_tilt_deg, keep_datasets=True) if args.outputs else None
+        load_s = time.perf_counter() - t0
+        result = engine.analyse(volume if volume is not None else args.dicom_dir)
+        if volume is not None:
+            result.timings_s["load"] = round(load_s, 4)
+            result.timings_s["total"] = round(result.timings_s["total"] + load_s, 4)
     except WeightsError as exc:
         print(f"pe-triage infer: {exc}", file=sys.stderr)
         return 2
@@ -37,10 +46,11 @@ def _infer(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(result.to_json(maps=args.maps, indent=1), encoding="utf-8")
         print(f"result written to {args.json}")
-    if args.outputs is not None:
-        from pe_triage_node.export.outputs import write_standalone_outputs
+    if volume is not None:
+        from pe_triage_node.export.outputs import standalone_triage, write_outputs
 
-        decision, paths = write_standalone_outputs(result, args.dicom_dir, args.outputs, uid_prefix=cfg.export.uid_prefix)
+        decision = standalone_triage(result, volume, args.rules).decision
+        paths = write_outputs(result, volume, decision, args.outputs, uid_prefix=cfg.export.uid_prefix, pngs=True)
         print(f"priority {decision.priority.value}: {decision.explanation}")
         for path in paths:
             print(f"wrote {path}")
@@ -53,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("dicom_dir", metavar="DICOM_DIR", type=Path, help="folder holding the DICOM files of one CT series")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the full result as JSON")
     p.add_argument("--outputs", type=Path, default=None, metavar="OUT_DIR", help="also write the SR and SCs the node would send (DICOM), for inspection without a PACS")
+    p.add_argument("--rules", type=Path, default=None, metavar="RULES_TOML", help="with --outputs: the priority rules to decide with (default: config/rules.toml, else the packaged defaults)")
     p.add_argument("--maps", choices=("summary", "full", "none"), default="summary", help="Grad-CAM maps in the JSON (default: summary)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="override inference.device")
     p.add_argument("--weights", type=Path, default=None, metavar="MANIFEST", help="weights manifest.json (default: inference.weights_manifest, else models/demo/manifest.json)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,10 +99,12 @@ def _float_list(ds: pydicom.Dataset, keyword: str, n: int, what: str) -> np.ndar
         raise VolumeRejected(f"{what} not numeric on instance {ds.get('InstanceNumber', '?')}") from exc
 
 
-def _read_header(path: Path) -> _SliceHeader | None:
+def _read_header(path: Path, *, skip_unreadable: bool = True) -> _SliceHeader | None:
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, EOFError):
+        if not skip_unreadable:
+            raise
         log.debug("skipping non-DICOM file %s", path.name)
         return None
     modality = str(ds.get("Modality", ""))
@@ -132,15 +135,17 @@ def _read_header(path: Path) -> _SliceHeader | None:
 
 
 def load_ct_volume(
-    dicom_dir: Path,
+    source: Path | Sequence[Path],
     *,
     max_tilt_deg: float = 2.0,
     min_slices: int = WINDOW_SLICES,
     keep_datasets: bool = False,
 ) -> CTVolume:
-    """Read every DICOM file directly in ``dicom_dir`` as one CT series.
+    """Read one CT series: every DICOM file directly in the folder ``source``, or exactly the files listed.
 
-    Files that are not DICOM are skipped. Raises :class:`VolumeRejected` for:
+    In a folder, files that are not DICOM are skipped; a listed file that cannot
+    be read raises its ``OSError`` / ``InvalidDicomError`` (the caller's problem,
+    not the series'). Raises :class:`VolumeRejected` for:
     no CT slices, non-CT data, mixed series or orientations, non-axial
     orientation, gantry tilt (slice positions not along the normal) beyond
     ``max_tilt_deg``, missing positions, duplicate positions, gaps
@@ -149,10 +154,13 @@ def load_ct_volume(
     ``keep_datasets``: keep the slices' headers (the datasets less their pixel
     data) in ``CTVolume.datasets``, for outputs rendered without reading the files again.
     """
-    dicom_dir = Path(dicom_dir)
-    if not dicom_dir.is_dir():
-        raise VolumeRejected(f"not a folder: {dicom_dir}")
-    headers = [h for p in sorted(dicom_dir.iterdir()) if p.is_file() and (h := _read_header(p)) is not None]
+    if isinstance(source, (str, Path)):
+        dicom_dir = Path(source)
+        if not dicom_dir.is_dir():
+            raise VolumeRejected(f"not a folder: {dicom_dir}")
+        headers = [h for p in sorted(dicom_dir.iterdir()) if p.is_file() and (h := _read_header(p)) is not None]
+    else:
+        headers = [h for p in source if (h := _read_header(Path(p), skip_unreadable=False)) is not None]
     if not headers:
         raise VolumeRejected("no DICOM CT slices in the folder")
     if len(headers) < min_slices:

@@ -11,7 +11,8 @@ Worker loop::
     me = worker_identity("worker")
     job = claim(engine, JobKind.infer, me, lease_s=cfg.queue.lease_s)
     if job is not None:
-        ...  # heartbeat(engine, job.id, me) every cfg.queue.heartbeat_s; stop if it returns False
+        with LeaseKeeper(engine, job.id, me, every_s=cfg.queue.heartbeat_s) as lease:
+            ...  # lease.check() between stages: LeaseLost when another worker took the job
         complete(engine, job.id, me)  # or: fail(engine, job.id, me, str(exc),
                                       #          retry_delay_s=backoff_delay(job.attempts))
 
@@ -38,12 +39,15 @@ from pe_triage_node.queue.jobs import (
     backoff_delay,
     claim,
     complete,
+    complete_in,
     enqueue,
     fail,
     heartbeat,
     recover_stale,
+    supersede_queued,
     worker_identity,
 )
+from pe_triage_node.queue.lease import LeaseKeeper, LeaseLost, renewal_period, run_until_stopped
 
 __all__ = [
     "DEFAULT_MAX_WAIT_S",
@@ -52,10 +56,13 @@ __all__ = [
     "JobView",
     "JobKind",
     "JobState",
+    "LeaseKeeper",
+    "LeaseLost",
     "as_utc",
     "backoff_delay",
     "claim",
     "complete",
+    "complete_in",
     "enqueue",
     "fail",
     "get_job",
@@ -64,6 +71,9 @@ __all__ = [
     "list_jobs",
     "queue_counts",
     "recover_stale",
+    "renewal_period",
     "requeue",
+    "run_until_stopped",
+    "supersede_queued",
     "worker_identity",
 ]

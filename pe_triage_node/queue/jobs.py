@@ -10,7 +10,7 @@ Life of a job::
                                      └── attempts exhausted (or retry=False) ──▶ dead
 
 Every transition appends a ``job_events`` row (``queued``, ``deduplicated``,
-``claimed``, ``succeeded``, ``failed``, ``retry``, ``lease-expired``,
+``claimed``, ``succeeded``, ``superseded``, ``failed``, ``retry``, ``lease-expired``,
 ``lease-lost``, ``dead``). The ``failed`` *state* is not used by this module: a
 failed attempt goes straight back to ``queued`` or to ``dead``.
 
@@ -60,7 +60,6 @@ MAX_ERROR_CHARS = 4000
 _UID_MAX = 64
 _DEDUPE_MAX = 200
 _WORKER_MAX = 128
-_ACTIVE = (JobState.queued, JobState.running)
 # The predicate of the partial index uq_jobs_active_dedupe, spelled with literals:
 # with bound parameters neither SQLite nor a generic PostgreSQL plan can use that index.
 _ACTIVE_SQL = "jobs.state IN ('queued','running')"
@@ -424,24 +423,64 @@ def heartbeat(engine: Engine, job_id: int, worker_id: str, *, now: dt.datetime |
         return False
 
 
+def complete_in(session: Session, job_id: int, worker_id: str, detail: str | None = None, *, now: dt.datetime | None = None) -> bool:
+    """Mark the job ``succeeded`` inside the caller's transaction (with the work it finishes, so both
+    commit or neither does); ``False``, changing nothing, when this worker does not hold the lease."""
+    at = _now(session, now)
+    result = session.execute(
+        update(Job).where(_held(job_id, worker_id))
+        .values(state=JobState.succeeded, finished_at=at, updated_at=at, heartbeat_at=at)
+        .execution_options(synchronize_session=False)
+    )
+    if _rowcount(result) != 1:
+        return False
+    _event(session, job_id, at, "succeeded", worker=worker_id, detail=_cut(detail) if detail else None)
+    log.info("job %d succeeded (worker %s)", job_id, worker_id)
+    return True
+
+
 def complete(
     engine: Engine, job_id: int, worker_id: str, detail: str | None = None, *,
     now: dt.datetime | None = None,
 ) -> bool:
     """Mark the job ``succeeded``; ``False`` (and no change) when this worker lost the lease."""
     with Session(engine) as s, s.begin():
-        at = _now(s, now)
-        result = s.execute(
-            update(Job).where(_held(job_id, worker_id))
-            .values(state=JobState.succeeded, finished_at=at, updated_at=at, heartbeat_at=at)
+        if complete_in(s, job_id, worker_id, detail, now=now):
+            return True
+        _lease_lost(s, job_id, worker_id, _now(s, now), "complete")
+        return False
+
+
+def supersede_queued(
+    session: Session, kind: JobKind, series_instance_uid: str, *, keep: Iterable[int] = (), detail: str,
+    now: dt.datetime | None = None,
+) -> list[int]:
+    """Finish the queued jobs of ``kind`` for one series, other than ``keep``, as ``succeeded`` with a
+    ``superseded`` event (newer work replaces them), inside the caller's transaction; returns their ids.
+
+    Running jobs are left to finish.
+    """
+    at = _now(session, now)
+    keep_ids = set(keep)
+    ids = [
+        job_id for job_id in session.scalars(
+            select(Job.id).where(Job.kind == JobKind(kind), Job.series_instance_uid == series_instance_uid,
+                                 Job.state == JobState.queued).with_for_update(skip_locked=True)
+        )
+        if job_id not in keep_ids
+    ]
+    done = []
+    for job_id in ids:
+        result = session.execute(
+            update(Job).where(Job.id == job_id, Job.state == JobState.queued)
+            .values(state=JobState.succeeded, finished_at=at, updated_at=at, last_error=None)
             .execution_options(synchronize_session=False)
         )
-        if _rowcount(result) != 1:
-            _lease_lost(s, job_id, worker_id, at, "complete")
-            return False
-        _event(s, job_id, at, "succeeded", worker=worker_id, detail=_cut(detail) if detail else None)
-        log.info("job %d succeeded (worker %s)", job_id, worker_id)
-        return True
+        if _rowcount(result) == 1:
+            _event(session, job_id, at, "superseded", detail=_cut(detail))
+            log.info("job %d superseded series=%s", job_id, series_instance_uid)
+            done.append(job_id)
+    return done
 
 
 def fail(

@@ -11,9 +11,13 @@ from pe_triage_node.rules.engine import (
     Findings,
     FindingsLike,
     PriorityDecision,
+    Triage,
     derived_labels,
+    header_attributes,
     patient_age_years,
     priority_for,
+    study_findings,
+    triage,
 )
 from pe_triage_node.rules.schema import (
     ACUTE_PE,
@@ -48,7 +52,9 @@ __all__ = [
     "RuleIssue",
     "RuleSet",
     "RulesError",
+    "Triage",
     "derived_labels",
+    "header_attributes",
     "is_more_urgent",
     "load_rules",
     "most_urgent",
@@ -57,4 +63,6 @@ __all__ = [
     "priority_for",
     "priority_rank",
     "queue_priority",
+    "study_findings",
+    "triage",
 ]

@@ -1,15 +1,21 @@
-"""The pure rules engine: ``priority_for(findings, attributes, rules)``.
+"""The pure rules engine: ``priority_for(findings, attributes, rules)``, and ``triage`` around it.
 
 No I/O, no clock, no database: the same findings, attributes and rules always
 give the same decision, which is what makes ``pe-triage rules test`` (replaying
 new rules over stored results) trustworthy.
+
+:func:`triage` is the one way from an analysed series to its priority (the
+worker and ``pe-triage infer --outputs`` both call it): the findings as the
+``results`` row keeps them (:func:`study_findings`), the attributes as text
+(:func:`header_attributes`), then :func:`priority_for`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -17,11 +23,14 @@ from pe_triage_node.rules.schema import (
     ACUTE_PE,
     PE_PRESENT,
     PE_SPECIFIC_LABELS,
+    STORED_ATTRIBUTES,
     WINDOW_LABEL,
     EvaluationContext,
     Priority,
     RuleSet,
 )
+
+log = logging.getLogger(__name__)
 
 
 class FindingsLike(Protocol):
@@ -202,3 +211,83 @@ def priority_for(findings: FindingsLike, attributes: Mapping[str, str], rules: R
         flags=tuple(rules.default_flags),
         explanation=f"no rule matched → {rules.default_priority.value}{flags} (default)",
     )
+
+
+# -- from an analysed series to its priority ------------------------------------
+
+
+class StudyResultLike(Protocol):
+    """What :func:`study_findings` reads of an inference result (``StudyResult``)."""
+
+    @property
+    def labels(self) -> Mapping[str, bool]: ...
+
+    @property
+    def probabilities(self) -> Mapping[str, float]: ...
+
+    @property
+    def window_probabilities(self) -> Sequence[float]: ...
+
+
+class HeaderLike(Protocol):
+    """An instance header read by keyword (a pydicom ``Dataset``)."""
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+
+def study_findings(result: StudyResultLike) -> Findings:
+    """Labels (with derived ``pe_present`` / ``acute_pe``) and probabilities as the ``results`` row keeps them.
+
+    ``pe_present`` / ``pe_present_on_image`` probability: the study's highest
+    window probability. The priority is decided from exactly these, so that
+    ``pe-triage rules test`` replays give the same decision for unchanged rules.
+    """
+    labels = derived_labels(result.labels)
+    probabilities = {k: float(v) for k, v in result.probabilities.items()}
+    if result.window_probabilities:
+        top = float(max(result.window_probabilities))
+        probabilities.setdefault(WINDOW_LABEL, top)
+        probabilities.setdefault(PE_PRESENT, top)
+    return Findings(labels, probabilities)
+
+
+def attribute_text(value: Any) -> str:
+    """A DICOM value as text; multi-valued ones joined with backslashes (their PS3.5 encoding)."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def header_attributes(header: HeaderLike) -> dict[str, str]:
+    """The attributes the rules read (``STORED_ATTRIBUTES``) from one instance header, as text.
+
+    Absent and empty ones are left out; so is one whose value cannot be read
+    (a malformed element is the rules' "absent", never a failed study).
+    """
+    out: dict[str, str] = {}
+    for keyword in STORED_ATTRIBUTES:
+        try:
+            value = header.get(keyword)
+            text = "" if value is None else attribute_text(value)
+        except Exception:  # noqa: BLE001 - pydicom raises many types for a malformed value
+            log.warning("attribute %s unreadable in the series header: treated as absent", keyword)
+            continue
+        if text:
+            out[keyword] = text
+    return out
+
+
+@dataclass(frozen=True)
+class Triage:
+    """A study's priority with the findings and attributes it was decided from (what the results row keeps)."""
+
+    decision: PriorityDecision
+    findings: Findings
+    attributes: dict[str, str]
+
+
+def triage(result: StudyResultLike, header: HeaderLike, rules: RuleSet) -> Triage:
+    """The priority of an analysed series: ``result`` (its findings), ``header`` (one instance's attributes), ``rules``."""
+    findings = study_findings(result)
+    attributes = header_attributes(header)
+    return Triage(priority_for(findings, attributes, rules), findings, attributes)

@@ -6,7 +6,9 @@ and on PostgreSQL. Orthanc pushes the studies (REST ``POST /modalities/triage/st
 as a PACS forwarding rule would; the test reads what came back through Orthanc's
 REST API, checks the findings and priorities against what the node stored and
 what the rules decide, runs ``dciodvfy`` on each object and ``dsrdump`` on the SR,
-and stops the node with SIGTERM (it must exit cleanly).
+and stops the node with SIGTERM (it must exit cleanly). A second test sends
+one series in two parts (late instances) and finds the corrected SR in Orthanc
+beside the first, with its default ``OverwriteInstances: false``.
 
 The model is the shipped demo weights when present, else a tiny random model;
 either way the test checks consistency (the SR says what the node stored, and
@@ -22,6 +24,7 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +183,74 @@ def test_orthanc_forwards_two_studies_and_gets_sr_and_scs_back(
             node.kill()
             raise
     assert code == 0, f"the node did not stop cleanly on SIGTERM\n{log_path.read_text()[-4000:]}"
+
+
+def _image_library_refs(sr: pydicom.Dataset) -> set[str]:
+    library = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Image Library")
+    return {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for group in library.ContentSequence for i in group.ContentSequence if i.ValueType == "IMAGE"}
+
+
+def test_late_instances_leave_the_corrected_finding_in_orthanc(
+    tmp_path: Path, db_url: str, orthanc: tuple[OrthancREST, int], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A scanner sends 30 slices, the node's result reaches Orthanc; 10 late slices re-open the series and the
+    corrected result reaches Orthanc too, as new instances (Orthanc keeps the first copy of an instance it
+    holds, ``OverwriteInstances: false`` by default), its SR naming the first as its predecessor."""
+    from pe_triage_node.export.identity import OutputUIDs
+
+    rest, orthanc_dicom = orthanc
+    study, series = "1.2.826.0.1.3680043.10.1453.86.1", "1.2.826.0.1.3680043.10.1453.86.2"
+    files = sorted(node_support.tiny_series(tmp_path / "series", study, series, slices=40),
+                   key=lambda p: int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber))
+    parts = {"first": files[:30], "late": files[30:]}
+    for name, part in parts.items():
+        (tmp_path / name).mkdir()
+        for path in part:
+            path.rename(tmp_path / name / path.name)
+
+    node_port = peers.free_port()
+    config = node_support.write_node_config(
+        tmp_path, database_url=db_url, receiver_port=node_port,
+        manifest=node_support.tiny_manifest(tmp_path_factory.mktemp("model")),
+        destinations=[{"name": "orthanc", "ae_title": "PACS", "host": "127.0.0.1", "port": orthanc_dicom}],
+    )
+    log_path = tmp_path / "node.log"
+    node = node_support.start_node_process(config, ["run", "--no-web"], log_path=log_path)
+    engine = make_engine(db_url)
+    try:
+        peers.wait_for_port(node_port, proc=node, timeout=120)
+
+        def delivered(results: int) -> bool:
+            with Session(engine) as s:
+                rows = s.scalars(select(TriageResult)).all()
+                exports = s.scalars(select(Job).where(Job.kind == JobKind.export)).all()
+            return len(rows) == results and sum(j.state == JobState.succeeded for j in exports) == results
+
+        for n, name in enumerate(parts, start=1):
+            sent = peers.storescu(node_port, [tmp_path / name])
+            assert sent.returncode == 0, sent.stderr
+            node_support.wait_until(lambda n=n: delivered(n), 240, f"result {n} delivered to Orthanc",
+                                    procs=[node], log_path=log_path)
+        with Session(engine) as s:
+            first, second = s.scalars(select(TriageResult).order_by(TriageResult.id)).all()
+    finally:
+        engine.dispose()
+        peers.stop_process(node, timeout=150)
+    assert (first.generation, second.generation) == (0, 1)
+
+    [found] = rest.call("POST", "/tools/lookup", study.encode())
+    srs = {}
+    for instance in rest.series_by_modality(found["ID"]).get("SR", []):
+        ds = pydicom.dcmread(BytesIO(rest.call("GET", f"/instances/{instance}/file")))
+        srs[ds.SOPInstanceUID] = ds
+    old = OutputUIDs(series, first.model_version, generation=0)
+    new = OutputUIDs(series, second.model_version, generation=1)
+    assert set(srs) == {old.sr_instance, new.sr_instance}, "the PACS holds the corrected SR beside the first"
+    corrected = srs[new.sr_instance]
+    assert len(_image_library_refs(corrected)) == 40 and len(_image_library_refs(srs[old.sr_instance])) == 30
+    assert f"AI triage priority: {second.priority}" in [line.strip() for line in sr_lines(corrected)]
+    expected_pe = "Present" if json.loads(second.labels)["pe_present"] else "Absent"
+    assert f"Pulmonary embolism: {expected_pe}" in [line.strip() for line in sr_lines(corrected)]
+    predecessor = corrected.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert predecessor.ReferencedSOPInstanceUID == old.sr_instance

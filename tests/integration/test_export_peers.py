@@ -46,7 +46,7 @@ def result(series_dir: Path) -> StudyResult:
 
 @pytest.fixture(scope="module")
 def outputs(result: StudyResult, series_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return write_outputs(result, series_dir, es.decision(Priority.STAT), tmp_path_factory.mktemp("outputs"))
+    return write_outputs(result, es.load_volume(series_dir), es.decision(Priority.STAT), tmp_path_factory.mktemp("outputs"))
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pe_triage_node.db.models import Job, JobKind, JobState, Rejection, Series, 
 from pe_triage_node.rules import Findings, priority_for, queue_priority
 from pe_triage_node.rules.store import active_rules
 from pe_triage_node.worker import InferenceWorker, JobOutcome
-from pe_triage_node.worker.inference_worker import load_analyser
+from pe_triage_node.worker.inference_worker import load_model
 
 try:
     from tests import node_support
@@ -50,7 +50,7 @@ def _cfg(tmp_path: Path, db_url: str, manifest: Path, **export: object) -> NodeC
 @pytest.fixture
 def worker(tmp_path: Path, db_url: str, engine: Engine, manifest: Path) -> Iterator[InferenceWorker]:
     cfg = _cfg(tmp_path, db_url, manifest)
-    yield InferenceWorker(engine, cfg, load_analyser(cfg))
+    yield InferenceWorker(engine, cfg, load_model(cfg))
 
 
 def test_worker_stores_result_renders_outputs_and_queues_exports(worker: InferenceWorker, series_files: list[Path]) -> None:
@@ -95,7 +95,7 @@ def test_superseded_generation_is_skipped(worker: InferenceWorker, series_files:
         assert s.scalars(select(TriageResult)).first() is None
 
 
-def test_a_series_the_engine_refuses_is_rejected_for_good(
+def test_a_series_the_engine_refuses_is_rejected_with_its_reason_and_the_job_completes(
     worker: InferenceWorker, tmp_path: Path
 ) -> None:
     few = node_support.tiny_series(tmp_path / "few", STUDY, SERIES, slices=5)  # fewer than one window
@@ -103,10 +103,13 @@ def test_a_series_the_engine_refuses_is_rejected_for_good(
     assert worker.process_one() == JobOutcome.rejected
     with Session(worker.engine) as s:
         job = s.get(Job, job_id)
-        assert job is not None and job.state == JobState.dead and "volume rejected" in (job.last_error or "")
+        assert job is not None and job.state == JobState.succeeded, "a readable rejection is not a dead letter"
+        assert job.last_error is None
         rej = s.scalars(select(Rejection)).one()
         assert rej.stage == "inference" and rej.series_instance_uid == SERIES and "window" in rej.reason
-        assert s.scalars(select(Series)).one().state == SeriesState.rejected
+        series = s.scalars(select(Series)).one()
+        assert series.state == SeriesState.rejected and "window" in (series.state_reason or "")
+        assert s.scalars(select(TriageResult)).first() is None
 
 
 def test_errors_retry_with_backoff_then_dead_letter(worker: InferenceWorker, series_files: list[Path]) -> None:
@@ -124,3 +127,96 @@ def test_errors_retry_with_backoff_then_dead_letter(worker: InferenceWorker, ser
     with Session(worker.engine) as s:
         job = s.get(Job, job_id)
         assert job is not None and job.state == JobState.dead and job.attempts == 2
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_relative_var_dir_works_whatever_the_current_folder(
+    tmp_path: Path, db_url: str, engine: Engine, manifest: Path, series_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quick start's default ``var_dir = "var"``: spool paths are relative; the worker loads the files
+    by their paths (once, symlinks from a temporary folder made every one of them dangle)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(tmp_path, db_url, manifest).model_copy(update={"node": NodeConfig(node={"var_dir": "var"}).node})
+    worker = InferenceWorker(engine, cfg, load_model(cfg))
+    job_id = node_support.seed_selected_series(engine, cfg.spool_dir, series_files)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the process's folder changed after start-up
+    assert worker.process_one() == JobOutcome.done
+    with Session(engine) as s:
+        assert s.get(Job, job_id).state == JobState.succeeded  # type: ignore[union-attr]
+    assert any((tmp_path / "var" / "outputs" / SERIES).glob("SR_*.dcm"))
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_malformed_private_element_in_every_slice_does_not_fail_the_study(
+    worker: InferenceWorker, tmp_path: Path
+) -> None:
+    """A Philips (01F1,1026) holding text in a binary VR, in every slice: analysed, rendered, exported."""
+    from tests import export_support
+
+    files = node_support.tiny_series(tmp_path / "philips", STUDY, SERIES)
+    export_support.add_malformed_private_element(files)
+    job_id = node_support.seed_selected_series(worker.engine, worker.cfg.spool_dir, files)
+    assert worker.process_one() == JobOutcome.done
+    with Session(worker.engine) as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state == JobState.succeeded and job.attempts == 1
+        assert s.scalars(select(TriageResult)).one().job_id == job_id
+        assert len(s.scalars(select(Job).where(Job.kind == JobKind.export)).all()) == 1
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_infer_outputs_and_the_worker_decide_the_same_priority(
+    worker: InferenceWorker, manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One decision: the rule reads a multi-valued attribute and the study's pe_present probability
+    (the standalone path once had neither: ``str(MultiValue)`` and no window probability)."""
+    import pydicom
+
+    from pe_triage_node.cli import main
+    from pe_triage_node.rules.store import activate
+    from pe_triage_node.synth.ct_series import StudyIdentity, write_ct_series
+    from tests import export_support
+
+    rules = tmp_path / "rules.toml"
+    rules.write_text(
+        'default_priority = "ROUTINE"\n'
+        "[[rules]]\n"
+        'name = "Sharp kernel, any PE probability"\n'
+        'priority = "STAT"\n'
+        'when.all = [ { attribute = "ConvolutionKernel", equals = "B30f\\\\SHARP" },'
+        ' { probability = "pe_present", gte = 0.0 } ]\n'
+    )
+    with Session(worker.engine) as s, s.begin():
+        activate(s, rules.read_text(), "test", "the same rules as the file")
+    series = tmp_path / "series"
+    write_ct_series(export_support.chest_volume(), series, pixel_spacing=(1.5, 1.5), slice_spacing=2.0,
+                    study=StudyIdentity(study_instance_uid=STUDY), series_instance_uid=SERIES,
+                    kernel="B30f\\SHARP", extra=export_support.CONTRAST)
+    node_support.seed_selected_series(worker.engine, worker.cfg.spool_dir, sorted(series.glob("*.dcm")))
+    assert worker.process_one() == JobOutcome.done
+    with Session(worker.engine) as s:
+        row = s.scalars(select(TriageResult)).one()
+    assert (row.priority, row.rule_name) == ("STAT", "Sharp kernel, any PE probability")
+
+    out = tmp_path / "outputs"
+    assert main(["infer", str(series), "--weights", str(manifest), "--device", "cpu", "--outputs", str(out),
+                 "--rules", str(rules)]) == 0
+    assert "priority STAT: " in capsys.readouterr().out
+    [sr] = out.glob("SR_*.dcm")
+    assert pydicom.dcmread(sr).SeriesDescription.startswith("AI PE TRIAGE: STAT")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_unreadable_spool_file_is_the_nodes_failure_not_a_rejection(
+    worker: InferenceWorker, series_files: list[Path]
+) -> None:
+    job_id = node_support.seed_selected_series(worker.engine, worker.cfg.spool_dir, series_files)
+    next(worker.cfg.spool_dir.rglob("*.dcm")).write_bytes(b"not DICOM: a damaged disk")
+    assert worker.process_one() == JobOutcome.failed
+    with Session(worker.engine) as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state == JobState.queued and "InvalidDicomError" in (job.last_error or "")
+        assert s.scalars(select(Rejection)).first() is None
+        assert s.scalars(select(Series)).one().state == SeriesState.selected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,10 @@ from PIL import Image
 
 from pe_triage_node.export import identity
 from pe_triage_node.export.findings import main_finding, series_description
-from pe_triage_node.export.outputs import render_outputs, write_outputs
+from pe_triage_node.export.outputs import render_outputs, standalone_triage, write_outputs
 from pe_triage_node.export.sc import cam_on_slice
 from pe_triage_node.inference.result import StudyResult
+from pe_triage_node.inference.volume import CTVolume
 from pe_triage_node.rules import Priority
 
 try:
@@ -34,8 +36,13 @@ def result(series_dir: Path) -> StudyResult:
 
 
 @pytest.fixture(scope="module")
-def written(result: StudyResult, series_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return write_outputs(result, series_dir, es.decision(Priority.STAT, "Central PE", ("review",)), tmp_path_factory.mktemp("out"))
+def volume(series_dir: Path) -> CTVolume:
+    return es.load_volume(series_dir)
+
+
+@pytest.fixture(scope="module")
+def written(result: StudyResult, volume: CTVolume, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_outputs(result, volume, es.decision(Priority.STAT, "Central PE", ("review",)), tmp_path_factory.mktemp("out"))
 
 
 def test_outputs_are_one_sr_one_summary_and_a_gradcam_per_map(written: list[Path], result: StudyResult) -> None:
@@ -126,29 +133,54 @@ def test_gradcam_overlay_is_hot_where_the_map_peaks(result: StudyResult, series_
     assert cam.max() == pytest.approx(1.0)
 
 
-def test_uids_are_derived_equal_across_runs_and_differ_across_model_versions(result: StudyResult, series_dir: Path) -> None:
+def _uids(outputs: list[pydicom.Dataset]) -> set[str]:
+    return {u for o in outputs for u in (o.SeriesInstanceUID, o.SOPInstanceUID)}
+
+
+def test_uids_are_derived_equal_across_runs_and_differ_across_model_versions_and_generations(
+    result: StudyResult, volume: CTVolume
+) -> None:
     d = es.decision()
-    first = render_outputs(result, series_dir, d)
-    again = render_outputs(result, series_dir, d)
+    first = render_outputs(result, volume, d)
+    again = render_outputs(result, volume, d)
     uids = [(o.SeriesInstanceUID, o.SOPInstanceUID) for o in first]
     assert uids == [(o.SeriesInstanceUID, o.SOPInstanceUID) for o in again]
     assert len({u for _, u in uids}) == len(uids)  # all distinct
-    other = render_outputs(dataclasses.replace(result, model_version="2.0.0"), series_dir, d)
-    assert not {u for pair in uids for u in pair} & {u for o in other for u in (o.SeriesInstanceUID, o.SOPInstanceUID)}
+    other = render_outputs(dataclasses.replace(result, model_version="2.0.0"), volume, d)
+    assert not _uids(first) & _uids(other)
+    corrected = render_outputs(result, volume, d, generation=1)  # late instances re-opened the series
+    assert not _uids(first) & _uids(corrected) and not _uids(other) & _uids(corrected)
     assert first[0].SOPInstanceUID == identity.OutputUIDs(result.series_instance_uid, result.model_version).sr_instance
-    for o in first:
+    assert corrected[0].SOPInstanceUID == identity.OutputUIDs(
+        result.series_instance_uid, result.model_version, generation=1).sr_instance
+    for o in first + corrected:
         assert len(o.SOPInstanceUID) <= 64 and o.SOPInstanceUID.startswith(identity.OUTPUT_UID_PREFIX)
 
 
-def test_rewriting_replaces_the_same_files(result: StudyResult, series_dir: Path, tmp_path: Path) -> None:
-    a = write_outputs(result, series_dir, es.decision(), tmp_path)
-    b = write_outputs(result, series_dir, es.decision(), tmp_path)
+def test_a_corrected_sr_names_its_predecessor(result: StudyResult, volume: CTVolume, tmp_path: Path) -> None:
+    before = identity.OutputUIDs(result.series_instance_uid, result.model_version)
+    [sr, *_] = write_outputs(result, volume, es.decision(), tmp_path, generation=1, previous=before)
+    ds = pydicom.dcmread(sr)
+    [study] = ds.PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == result.study_instance_uid
+    [series] = study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == before.sr_series
+    [item] = series.ReferencedSOPSequence
+    assert (item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID) == (ds.SOPClassUID, before.sr_instance)
+    assert ds.SOPInstanceUID != before.sr_instance
+    assert es.dciodvfy_errors(sr) == []
+    assert "PredecessorDocumentsSequence" not in render_outputs(result, volume, es.decision())[0]
+
+
+def test_rewriting_replaces_the_same_files(result: StudyResult, volume: CTVolume, tmp_path: Path) -> None:
+    a = write_outputs(result, volume, es.decision(), tmp_path)
+    b = write_outputs(result, volume, es.decision(), tmp_path)
     assert a == b and sorted(tmp_path.iterdir()) == sorted(a)
 
 
-def test_negative_result_reports_absent_and_routine(result: StudyResult, series_dir: Path, tmp_path: Path) -> None:
+def test_negative_result_reports_absent_and_routine(result: StudyResult, volume: CTVolume, tmp_path: Path) -> None:
     neg = es.negative(result)
-    paths = write_outputs(neg, series_dir, es.decision(Priority.ROUTINE, None), tmp_path)
+    paths = write_outputs(neg, volume, es.decision(Priority.ROUTINE, None), tmp_path)
     assert len(paths) == 2  # SR + summary, no Grad-CAM
     sr = pydicom.dcmread(paths[0])
     assert sr.SeriesDescription == "AI PE TRIAGE: ROUTINE - no PE"
@@ -184,12 +216,12 @@ def test_derived_uid_rejects_a_bad_source_uid() -> None:
         identity.derived_uid("1.2.3", "", identity.KIND_SR)
 
 
-def test_standalone_outputs_use_the_shipped_rules(result: StudyResult, series_dir: Path, tmp_path: Path) -> None:
-    from pe_triage_node.export.outputs import write_standalone_outputs
-
-    decision, paths = write_standalone_outputs(result, series_dir, tmp_path)
+def test_standalone_outputs_use_the_shipped_rules(result: StudyResult, volume: CTVolume, tmp_path: Path) -> None:
+    decision = standalone_triage(result, volume).decision
     assert decision.priority == Priority.STAT and decision.rule_name == "Central PE"  # shipped default rule 1
+    paths = write_outputs(result, volume, decision, tmp_path, pngs=True)
     assert pydicom.dcmread(paths[0]).SeriesDescription == "AI PE TRIAGE: STAT - central PE, RV/LV>=1"
+    assert (tmp_path / "summary.png").is_file() and (tmp_path / "gradcam-1.png").is_file()
 
 
 def test_image_library_lists_every_source_instance_once(written: list[Path], series_dir: Path) -> None:
@@ -201,3 +233,71 @@ def test_image_library_lists_every_source_instance_once(written: list[Path], ser
     assert sorted(refs) == sorted(sources) and len(set(refs)) == len(refs)
     shared = {i.ConceptNameCodeSequence[0].CodeMeaning for i in group.ContentSequence if i.ValueType != "IMAGE"}
     assert {"Modality", "Frame of Reference UID", "Pixel Data Rows", "Horizontal Pixel Spacing"} <= shared
+
+
+def test_an_element_the_outputs_do_not_name_never_fails_them(result: StudyResult, tmp_path: Path) -> None:
+    """A private element of the wrong length in every slice (Philips (01F1,1026) holding text in VR FD)."""
+    from pydicom.errors import BytesLengthException
+
+    series = es.write_series(tmp_path / "series")
+    es.add_malformed_private_element(sorted(series.glob("*.dcm")))
+    probe = pydicom.dcmread(next(series.glob("*.dcm")))
+    with pytest.raises(BytesLengthException):
+        list(probe)  # reading every element fails: what the outputs must never do
+    paths = write_outputs(result, es.load_volume(series), es.decision(), tmp_path / "out")
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        assert es.MALFORMED_TAG not in ds and str(ds.PatientName) == es.PATIENT_NAME
+        assert es.dciodvfy_errors(path) == [], path.name
+
+
+def test_outputs_copy_only_the_attributes_they_name(result: StudyResult, tmp_path: Path) -> None:
+    series = es.write_series(tmp_path / "series")
+    for path in series.glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.PatientComments = "not for the outputs"
+        ds.add_new(0x00291010, "OB", b"\x00\x01")  # a private element without its creator
+        ds.save_as(path, enforce_file_format=True)
+    for ds in render_outputs(result, es.load_volume(series), es.decision()):
+        assert "PatientComments" not in ds and 0x00291010 not in ds
+        assert ds.PatientID == es.PATIENT_ID and ds.AccessionNumber == "ACC77"
+
+
+def test_library_warnings_are_logged_without_the_patient_data_they_quote(
+    result: StudyResult, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """highdicom warns 'The string "<PatientName>" is unlikely to represent the intended person name'."""
+    import warnings
+
+    from pe_triage_node.synth.ct_series import StudyIdentity, write_ct_series
+
+    name = "Lung_Dx-A0001"  # no "^": highdicom's person-name check warns and quotes it
+    ident = StudyIdentity(study_instance_uid=es.IDENTITY.study_instance_uid, patient_id="PID-778899",
+                          patient_name=name, accession_number="ACC-445566", patient_birth_date="19471103")
+    series = tmp_path / "series"
+    write_ct_series(es.chest_volume(), series, pixel_spacing=(1.5, 1.5), slice_spacing=2.0, study=ident,
+                    series_instance_uid=es.SERIES_UID)
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        outputs = render_outputs(result, es.load_volume(series), es.decision())
+    assert str(outputs[0].PatientName) == name
+    assert [str(w.message) for w in escaped] == [], "every warning is handled where it arises"
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "library UserWarning" in text, "the warning is still reported, without its text"
+    for phi in (name, "PID-778899", "ACC-445566", "19471103"):
+        assert phi not in text
+
+
+def test_a_series_numbered_head_first_renders_the_same_descriptors(result: StudyResult, tmp_path: Path) -> None:
+    """Instance 1 at the head (many scanners): the Image Library's shared descriptors come from another slice."""
+    series = es.write_series(tmp_path / "series")
+    files = sorted(series.glob("*.dcm"), key=lambda p: int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber))
+    for number, path in enumerate(reversed(files), start=1):
+        ds = pydicom.dcmread(path)
+        ds.InstanceNumber = number
+        ds.save_as(path, enforce_file_format=True)
+    sr = render_outputs(result, es.load_volume(series), es.decision())[0]
+    library = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Image Library")
+    shared = {i.ConceptNameCodeSequence[0].CodeMeaning for i in library.ContentSequence[0].ContentSequence if i.ValueType != "IMAGE"}
+    assert {"Modality", "Frame of Reference UID", "Pixel Data Rows", "Pixel Data Columns", "Horizontal Pixel Spacing"} <= shared

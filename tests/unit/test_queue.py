@@ -15,10 +15,13 @@ from sqlalchemy.orm import Session
 
 from pe_triage_node.db.models import Job, JobEvent
 from pe_triage_node.db.session import make_engine
+from pe_triage_node.queue import lease as lease_module
 from pe_triage_node.queue import (
     ClaimedJob,
     JobKind,
     JobState,
+    LeaseKeeper,
+    LeaseLost,
     backoff_delay,
     claim,
     complete,
@@ -351,3 +354,51 @@ def test_requeue_refuses_when_the_dedupe_key_is_taken(engine: Engine) -> None:
     newer = add(engine, dedupe_key="k", when=2)
     assert newer != job_id
     assert not requeue(engine, job_id, actor="admin", now=at(3))
+
+
+# -- the lease keeper -----------------------------------------------------------
+
+
+def _wait(condition: object, what: str, timeout: float = 30.0) -> None:
+    deadline = threading.Event()
+    timer = threading.Timer(timeout, deadline.set)
+    timer.start()
+    try:
+        while not condition():  # type: ignore[operator]
+            if deadline.wait(0.02):
+                raise AssertionError(f"timed out waiting for {what}")
+    finally:
+        timer.cancel()
+
+
+def test_lease_keeper_survives_a_database_error_and_keeps_renewing(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add(engine)
+    job = take(engine, "w1", when=0)  # claimed at T0: every real renewal moves heartbeat_at
+    calls: list[str] = []
+
+    def flaky(*args: object, **kwargs: object) -> bool:
+        calls.append("call")
+        if len(calls) == 1:
+            raise OSError("database unreachable for a moment")
+        return heartbeat(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lease_module, "heartbeat", flaky)
+    before = load(engine, job.id).heartbeat_at
+    with LeaseKeeper(engine, job.id, "w1", every_s=0.05) as keeper:
+        _wait(lambda: load(engine, job.id).heartbeat_at != before, "a renewal after the failed one")
+        keeper.check()  # not lost
+    assert len(calls) >= 2 and not keeper.lost.is_set()
+
+
+def test_lease_keeper_reports_a_lease_taken_back(engine: Engine) -> None:
+    add(engine)
+    job = take(engine, "w1", when=0)
+    with LeaseKeeper(engine, job.id, "w1", every_s=0.05) as keeper:
+        assert complete(engine, job.id, "w1")  # the job is no longer running: the next renewal is refused
+        _wait(keeper.lost.is_set, "the keeper to notice")
+        with pytest.raises(LeaseLost):
+            keeper.check()
+        with pytest.raises(LeaseLost):
+            keeper.renew()

@@ -1,10 +1,11 @@
 """Export jobs on the SQL queue (SQLite and PostgreSQL): enqueue/dedupe, C-STORE to an in-process SCP,
-warning statuses, retries with backoff, dead-letter, destination down then up, webhook, the APScheduler loop."""
+warning statuses, retries with backoff, dead-letter, destination down then up, webhook, the polling loop."""
 
 from __future__ import annotations
 
 import http.server
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -63,14 +64,16 @@ def make_result() -> StudyResult:
 class StoreSCP:
     """A pynetdicom Storage SCP on loopback answering every C-STORE with ``status``; counts what it kept."""
 
-    def __init__(self, status: int = 0x0000, port: int | None = None) -> None:
+    def __init__(self, status: int = 0x0000, port: int | None = None, delay_s: float = 0.0) -> None:
         self.status = status
+        self.delay_s = delay_s  # a slow PACS: each C-STORE answered this much later
         self.port = port or peers.free_port()
         self.received: list[str] = []
         self.calling: list[str] = []
         self._server: Any = None
 
     def _on_store(self, event: evt.Event) -> int:
+        time.sleep(self.delay_s)
         if self.status in (0x0000, 0xB000, 0xB006, 0xB007):
             self.received.append(str(event.dataset.SOPInstanceUID))
         self.calling.append(event.assoc.requestor.ae_title)
@@ -253,8 +256,13 @@ def test_webhook_posts_json_without_phi_and_is_retried(engine: Engine, tmp_path:
     assert webhook_body(make_result(), es.decision()) == body
 
 
-def test_run_forever_polls_with_apscheduler_and_stops(engine: Engine, files: list[Path], tmp_path: Path, scp: StoreSCP) -> None:
+def test_run_forever_sends_while_polling_quietly_and_stops(
+    engine: Engine, files: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A send that outlasts many poll intervals (a slow PACS) logs no warning: one loop, no overlapping runs."""
+    scp = StoreSCP(delay_s=0.5).start()
     cfg = config(tmp_path, {"pacs": scp.port})
+    caplog.set_level(logging.INFO)
     exporter = Exporter(engine, cfg)
     stop = threading.Event()
     started = threading.Event()
@@ -270,8 +278,12 @@ def test_run_forever_polls_with_apscheduler_and_stops(engine: Engine, files: lis
     finally:
         stop.set()
         thread.join(15)
+        scp.stop()
     assert not thread.is_alive()
     assert len(scp.received) == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [], warnings
+    assert not any("maximum number of running instances" in r.getMessage() for r in caplog.records)
 
 
 def test_sender_proposes_only_the_sop_classes_it_sends(files: list[Path], scp: StoreSCP, monkeypatch: pytest.MonkeyPatch) -> None:
