@@ -17,6 +17,7 @@ import difflib
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -302,15 +303,27 @@ def _flags(text: str) -> tuple[str, ...]:
     return tuple(str(f) for f in value) if isinstance(value, list) else ()
 
 
-def replay_results(session: Session, rules: RuleSet, limit: int = 100) -> list[ReplayOutcome]:
-    """Re-decide the ``limit`` most recent stored results under ``rules`` (newest first)."""
+class ReplayTimedOut(PETriageError):
+    """The replay passed its deadline; the message says after how many results."""
+
+
+def replay_results(
+    session: Session, rules: RuleSet, limit: int = 100, *, deadline: float | None = None
+) -> list[ReplayOutcome]:
+    """Re-decide the ``limit`` most recent stored results under ``rules`` (newest first).
+
+    ``deadline`` (a ``time.monotonic()`` value) is checked between results; each
+    result's matching is itself bounded (:mod:`pe_triage_node.patterns`).
+    """
     if limit < 1:
         return []
     rows = session.scalars(
         select(TriageResult).order_by(TriageResult.created_at.desc(), TriageResult.id.desc()).limit(limit)
     )
-    outcomes = []
+    outcomes: list[ReplayOutcome] = []
     for row in rows:
+        if deadline is not None and time.monotonic() > deadline:
+            raise ReplayTimedOut(f"stopped at its time limit after {len(outcomes)} results")
         labels = _json_dict(row.labels, "labels", row.id)
         probabilities = _json_dict(row.probabilities, "probabilities", row.id)
         attributes = _json_dict(row.attributes, "attributes", row.id)
@@ -338,7 +351,7 @@ def replay_results(session: Session, rules: RuleSet, limit: int = 100) -> list[R
     return outcomes
 
 
-def replay(session: Session, rules: RuleSet, limit: int = 100) -> list[PriorityChange]:
+def replay(session: Session, rules: RuleSet, limit: int = 100, *, deadline: float | None = None) -> list[PriorityChange]:
     """The studies among the ``limit`` most recent results whose priority ``rules`` would change."""
     return [
         PriorityChange(
@@ -354,6 +367,6 @@ def replay(session: Session, rules: RuleSet, limit: int = 100) -> list[PriorityC
             new_flags=o.decision.flags,
             explanation=o.decision.explanation,
         )
-        for o in replay_results(session, rules, limit)
+        for o in replay_results(session, rules, limit, deadline=deadline)
         if o.priority_changed
     ]

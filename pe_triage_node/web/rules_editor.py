@@ -106,9 +106,8 @@ def _parsed(request: Request, edit: _Edit) -> RuleSet:
 
 
 def _replayed(request: Request, edit: _Edit, rules: RuleSet) -> Replayed:
-    database_url = db_engine(request).url.render_as_string(hide_password=False)
     try:
-        return replay_bounded(database_url, rules, edit.last_n)
+        return replay_bounded(db_engine(request), rules, edit.last_n)
     except ReplayRefused as exc:
         raise _Refused(_edit_context(request, edit, refusal=str(exc)), 422) from exc
 

@@ -18,7 +18,7 @@ from pe_triage_node.export.findings import (
 )
 from pe_triage_node.inference.labels import STUDY_LABELS, WINDOW_LABEL
 from pe_triage_node.inference.result import StudyResult
-from pe_triage_node.worker.inference_worker import stored_findings
+from pe_triage_node.rules.engine import study_findings
 
 
 def _result(**set_: bool) -> StudyResult:
@@ -38,8 +38,8 @@ def _result(**set_: bool) -> StudyResult:
 
 def _stored(result: StudyResult) -> TriageResult:
     """The ``results`` row the worker writes for ``result`` (its own conversion, not a copy of it)."""
-    labels, probabilities = stored_findings(result)
-    return TriageResult(labels=json.dumps(labels), probabilities=json.dumps(probabilities),
+    findings = study_findings(result)
+    return TriageResult(labels=json.dumps(dict(findings.labels)), probabilities=json.dumps(dict(findings.probabilities)),
                         result_json=json.dumps(result.to_dict("summary")))
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from pe_triage_node.patterns import compile_pattern
 from pe_triage_node.rules.schema import (
     AttributeCondition,
     Priority,
@@ -117,7 +118,7 @@ def test_regex_compiled_at_validation() -> None:
     rules = parse_rules(_rule('{ attribute = "StudyDescription", matches = "(?i)ED|emergency" }'))
     cond = rules.rules[1].when
     assert isinstance(cond, AttributeCondition)
-    assert cond._pattern is not None and cond._pattern.flags & 2  # re.IGNORECASE
+    assert cond.matches is not None and compile_pattern(cond.matches).flags & 2  # IGNORECASE, compiled once (cached)
 
 
 def test_priority_helpers() -> None:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import re
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +15,9 @@ from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
 
 from pe_triage_node.config import NodeConfig
-from pe_triage_node.db.models import AuditEvent, Job, JobKind, JobState, RuleSetRecord, WebSession
+from pe_triage_node.db.models import AuditEvent, Job, JobKind, JobState, RuleSetRecord, TriageResult, WebSession
 from pe_triage_node.rules.store import active_record, packaged_rules_text
-from pe_triage_node.web import rules_editor, rules_preview
+from pe_triage_node.web import rules_preview
 from pe_triage_node.web.app import create_app
 
 try:
@@ -314,81 +311,24 @@ def _with_first_rule(pattern: str) -> str:
     return text[:at] + rule + text[at:]
 
 
-# 15 characters that take hours on the seeded 21-character "CT ANGIO PULMONARY ED" (nested repetition).
-CATASTROPHIC = "(([A-Z ]+)+)+x"
+# Nested repetition: on a crafted value every match runs into the 0.1 s limit of pe_triage_node.patterns.
+RUNAWAY = "(a|aa)+$"
 
 
-def test_admin_previews_the_effect_of_edited_rules(console: Console) -> None:
+def test_a_runaway_pattern_is_stopped_and_nothing_changes(console: Console, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each match is cut at its own limit and the replay at its deadline: the preview answers, refuses, saves nothing."""
+    monkeypatch.setattr(rules_preview, "TIME_LIMIT_S", 0.05)
+    with Session(console.engine) as s, s.begin():  # stored results whose StudyDescription a sender crafted
+        for row in s.scalars(select(TriageResult)):
+            row.attributes = json.dumps({**json.loads(row.attributes or "{}"), "StudyDescription": "a" * 60 + "b"})
     console.sign_in(web_seed.ADMIN)
     token = console.csrf("/rules")
-    r = console.client.post("/rules/preview", data={"csrf_token": token, "toml_text": _escalated_rules(), "last_n": "50"})
-    assert r.status_code == 200
-    assert "1 of 3 recent studies would change priority" in r.text
-    assert "RIGHT, ROBERT" in r.text
-    r = console.client.post("/rules/preview", data={"csrf_token": token, "toml_text": _with_first_rule("(?i)chest")})
-    assert r.status_code == 200 and "1 of 3 recent studies would change priority" in r.text
-    assert "NEGATIVE, NORA" in r.text  # "CT ANGIO CHEST", ROUTINE before
-    assert _rule_sets(console.engine) == 0
-
-
-def test_viewer_sees_the_rules_but_cannot_test_or_save_them(console: Console) -> None:
-    console.sign_in(web_seed.VIEWER)
-    r = console.client.get("/rules")
-    assert r.status_code == 200 and "Central PE" in r.text
-    assert "Preview effect" not in r.text and "Save and put in force" not in r.text
-    token = CSRF_RE.search(r.text).group(1)  # type: ignore[union-attr]
-    for path in ("/rules/preview", "/rules/save"):
-        r = console.client.post(path, data={"csrf_token": token, "toml_text": _with_first_rule(CATASTROPHIC),
-                                            "comment": "x"})
-        assert r.status_code == 403 and "Only administrators" in r.text, path
-    assert multiprocessing.active_children() == []  # nothing was run
-    assert _rule_sets(console.engine) == 0
-
-
-def test_rule_tests_are_bounded_in_pattern_length_text_and_results(console: Console) -> None:
-    console.sign_in(web_seed.ADMIN)
-    token = console.csrf("/rules")
-    long_pattern = _with_first_rule("x" * (rules_preview.MAX_PATTERN_LENGTH + 1))
-    for path in ("/rules/preview", "/rules/save"):
-        r = console.client.post(path, data={"csrf_token": token, "toml_text": long_pattern, "comment": "why"})
-        assert r.status_code == 422 and f"at most {rules_preview.MAX_PATTERN_LENGTH} are allowed" in r.text, path
-        huge = _escalated_rules() + "#" * rules_editor.MAX_RULES_TEXT
-        r = console.client.post(path, data={"csrf_token": token, "toml_text": huge, "comment": "why"})
-        assert r.status_code == 413 and "longer than" in r.text, path
-    r = console.client.post("/rules/preview", data={"csrf_token": token, "toml_text": _escalated_rules(),
-                                                    "last_n": "999999"})
-    assert r.status_code == 200 and f'value="{rules_preview.MAX_RESULTS}"' in r.text
-    assert _rule_sets(console.engine) == 0
-
-
-def test_a_runaway_pattern_is_stopped_and_the_console_keeps_answering(console: Console,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Matching runs in a child process killed at the time limit; meanwhile the console serves other requests."""
-    monkeypatch.setattr(rules_preview, "TIME_LIMIT_S", 3.0)
-    console.sign_in(web_seed.ADMIN)
-    token = console.csrf("/rules")
-    answers: dict[str, int | str] = {}
-
-    def preview() -> None:
-        r = console.client.post("/rules/preview", data={"csrf_token": token, "toml_text": _with_first_rule(CATASTROPHIC)})
-        answers["status"], answers["text"] = r.status_code, r.text
-
-    thread = threading.Thread(target=preview)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not multiprocessing.active_children():
-        assert thread.is_alive() and time.monotonic() < deadline, "the replay's child process never started"
-        time.sleep(0.02)
+    r = console.client.post("/rules/preview", data={"csrf_token": token, "toml_text": _with_first_rule(RUNAWAY)})
+    assert r.status_code == 422 and "took longer than 0.05 s and was stopped" in r.text
     assert console.client.get("/healthz").status_code == 200
-    assert console.client.get("/").status_code == 200
-    still_matching = bool(multiprocessing.active_children())
-    thread.join(300)
-    assert still_matching, "the console answered only after the matching ended"
-    assert answers["status"] == 422 and "took longer than 3 s and was stopped" in str(answers["text"])
-    assert multiprocessing.active_children() == []  # the child was killed and reaped
-    r = console.client.post("/rules/save", data={"csrf_token": token, "toml_text": _with_first_rule(CATASTROPHIC),
+    r = console.client.post("/rules/save", data={"csrf_token": token, "toml_text": _with_first_rule(RUNAWAY),
                                                  "comment": "ED first"})
-    assert r.status_code == 422 and "was stopped" in r.text  # the worker would stall on it too
+    assert r.status_code == 422 and "was stopped" in r.text
     assert _rule_sets(console.engine) == 0
 
 
