@@ -88,7 +88,7 @@ from pe_triage_node.db.models import (
     SeriesState,
     Study,
 )
-from pe_triage_node.db.session import is_postgres
+from pe_triage_node.db.session import is_postgres, read_only
 from pe_triage_node.dicom.selection import (
     SeriesCandidate,
     SliceGeometry,
@@ -158,7 +158,7 @@ class SeriesAssembler:
         """
         when = _now(now)
         try:
-            with Session(self.engine) as s:
+            with Session(read_only(self.engine)) as s:
                 series_ids = list(
                     s.scalars(
                         select(Instance.series_id)
@@ -175,12 +175,12 @@ class SeriesAssembler:
     def sweep(self, now: dt.datetime | None = None) -> None:
         """One pass of the interval job: quiet periods, late instances, pending selections.
 
-        One read transaction finds the work; only series that may change get a
-        write transaction (on SQLite every transaction takes the write lock).
+        One read-only transaction finds the work (no SQLite write lock); only
+        series that may change get a write transaction.
         """
         when = _now(now)
         quiet = dt.timedelta(seconds=self.cfg.assembly.quiet_period_s)
-        with Session(self.engine) as s:
+        with Session(read_only(self.engine)) as s:
             open_assoc = case((Association.released_at.is_(None), Association.id))
             receiving = s.execute(
                 select(

@@ -44,11 +44,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, Result, func, or_, select, text, update
+from sqlalchemy import CursorResult, Engine, Result, and_, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pe_triage_node.db.models import Job, JobEvent, JobKind, JobState
+from pe_triage_node.db.session import read_only
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,24 @@ def enqueue(
 # -- consuming ----------------------------------------------------------------
 
 
+def _work_waiting(engine: Engine, kind: JobKind, lease_s: float, now: dt.datetime | None) -> bool:
+    """A read-only look before :func:`claim` writes: an eligible queued job, or a running one gone stale.
+
+    An idle poll so never takes SQLite's write lock (nor row locks on PostgreSQL).
+    """
+    with Session(read_only(engine)) as s, s.begin():
+        at = _now(s, now)
+        cutoff = at - dt.timedelta(seconds=lease_s)
+        waiting = select(Job.id).where(
+            Job.kind == kind,
+            or_(
+                and_(Job.state == JobState.queued, Job.not_before <= at),
+                and_(Job.state == JobState.running, or_(Job.heartbeat_at < cutoff, Job.heartbeat_at.is_(None))),
+            ),
+        )
+        return s.scalar(waiting.limit(1)) is not None
+
+
 def _recover(session: Session, at: dt.datetime, lease_s: float, kinds: Sequence[JobKind]) -> list[int]:
     """Requeue (or dead-letter) running jobs of ``kinds`` whose heartbeat is older than ``lease_s``."""
     cutoff = at - dt.timedelta(seconds=lease_s)
@@ -334,6 +353,8 @@ def claim(
     _check_worker(worker_id)
     if lease_s <= 0:
         raise ValueError(f"lease_s must be positive: {lease_s}")
+    if not _work_waiting(engine, kind, lease_s, now):
+        return None
     with Session(engine) as s, s.begin():
         at = _now(s, now)
         _recover(s, at, lease_s, [kind])

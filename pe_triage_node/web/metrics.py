@@ -20,6 +20,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from pe_triage_node.db.models import JobKind, JobState, TriageResult
+from pe_triage_node.db.session import read_only
 from pe_triage_node.web.operations import counts_for_metrics
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class NodeCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("petriage_database_up", "1 when the database answered this scrape")
         try:
-            with Session(self.engine) as session:
+            with Session(read_only(self.engine)) as session:
                 counts = counts_for_metrics(session)
                 with self._lock:
                     self._update_inference(session)

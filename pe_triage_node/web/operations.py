@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from pe_triage_node.config import NodeConfig
 from pe_triage_node.db.models import Association, Instance, JobKind, JobState, Rejection, Series, Study, TriageResult
+from pe_triage_node.db.session import read_only
 from pe_triage_node.queue import JobView, list_jobs, queue_counts
 from pe_triage_node.web import auth
 from pe_triage_node.web.handlers import current_user, db_engine, node_config, render, signed_in
@@ -154,7 +155,7 @@ async def ops_page(request: Request) -> Response:
     user = current_user(request)
 
     def work() -> tuple[OpsPage, list[Any]]:
-        with Session(db_engine(request)) as s:
+        with Session(read_only(db_engine(request))) as s:
             page = load_ops_page(s, node_config(request))
             audit_rows = auth.recent_audit(s, 50) if user.is_admin else []
             s.expunge_all()

@@ -20,6 +20,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from pe_triage_node.db.models import RuleSetRecord, Study
+from pe_triage_node.db.session import read_only
 from pe_triage_node.rules import RulesError, RuleSet, parse_rules
 from pe_triage_node.rules.store import RuleChangeRefused, activate, active_rule_set, history, rollback
 from pe_triage_node.web import auth
@@ -65,7 +66,7 @@ class _Edit:
 
 
 def _rules_context(request: Request, **extra: Any) -> dict[str, Any]:
-    with Session(db_engine(request)) as s:
+    with Session(read_only(db_engine(request))) as s:
         error = None
         try:
             active = active_rule_set(s)
@@ -132,7 +133,7 @@ async def rules_preview(request: Request) -> Response:
         except _Refused as refused:
             return refused.context, refused.status
         uids = [c.study_instance_uid for c in replayed.changes]
-        with Session(db_engine(request)) as s:
+        with Session(read_only(db_engine(request))) as s:
             studies = {st.study_instance_uid: st for st in s.scalars(select(Study).where(Study.study_instance_uid.in_(uids)))}
             s.expunge_all()
         preview = {"tested": replayed.tested, "changes": replayed.changes, "studies": studies, "lines": rules.describe()}

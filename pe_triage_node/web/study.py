@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from pe_triage_node.config import NodeConfig
 from pe_triage_node.db.models import Job, JobKind, JobState, Rejection, Series, Study, TriageResult
+from pe_triage_node.db.session import read_only
 from pe_triage_node.dicom.uids import is_valid_uid
 from pe_triage_node.export.findings import ResultFindings, finding_lines, is_positive, main_finding
 from pe_triage_node.inference.labels import WINDOW_LABEL
@@ -280,7 +281,7 @@ async def study_page(request: Request) -> Response:
     study_id = int(request.path_params["study_id"])
 
     def work() -> StudyPage | None:
-        with Session(db_engine(request)) as s:
+        with Session(read_only(db_engine(request))) as s:
             page = load_study_page(s, node_config(request), study_id)
             if page is not None:
                 s.expunge_all()
@@ -299,7 +300,7 @@ async def study_image(request: Request) -> Response:
     name = str(request.path_params["name"])
 
     def work() -> Path | None:
-        with Session(db_engine(request)) as s:
+        with Session(read_only(db_engine(request))) as s:
             study = s.get(Study, study_id)
             if study is None:
                 return None

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from pe_triage_node.db.models import JobKind, JobState, Rejection, Series, SeriesState, Study, TriageResult
+from pe_triage_node.db.session import read_only
 from pe_triage_node.export.findings import ResultFindings, finding_lines, is_positive, main_finding
 from pe_triage_node.inference.labels import WINDOW_LABEL
 from pe_triage_node.queue import JobView, list_jobs
@@ -242,7 +243,7 @@ def worklist_rows(session: Session, flt: WorklistFilter, limit: int = 500) -> li
 
 def _rows_for(request: Request) -> tuple[WorklistFilter, list[WorklistRow]]:
     flt = WorklistFilter.from_query(dict(request.query_params))
-    with Session(db_engine(request)) as s:
+    with Session(read_only(db_engine(request))) as s:
         rows = worklist_rows(s, flt, limit=node_config(request).web.worklist_limit)
     return flt, rows
 
