@@ -130,6 +130,14 @@ def _wait_until(predicate: Any, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def test_dcmtk_peers_are_dcmtk_by_absolute_path() -> None:
+    """The venv's pynetdicom installs storescu/echoscu namesakes: tests call dcmtk by its /usr/bin path."""
+    assert peers.dcmtk("storescu") == "/usr/bin/storescu"
+    assert peers.dcmtk("echoscu") == "/usr/bin/echoscu"
+    with pytest.raises(RuntimeError, match="not dcmtk"):
+        peers.dcmtk("true")  # /usr/bin/true answers --version too, as coreutils
+
+
 # -- storescu: real data, generated data, compressed, parallel --------------------------------------
 def test_echo_and_realdata_both_reconstructions_indexed(start_node: Any) -> None:
     realdata = peers.realdata_dir()
@@ -181,7 +189,7 @@ def test_generated_300_slice_series_and_jpegls_copy(start_node: Any, tmp_path: P
     study = StudyIdentity()
     small = _series(tmp_path / "small", 8, 128, study=study, series_number=3)
     for f in small:
-        subprocess.run(["dcmcjpls", str(f), str(jls_dir / f.name)], check=True, capture_output=True)
+        subprocess.run([peers.dcmtk("dcmcjpls"), str(f), str(jls_dir / f.name)], check=True, capture_output=True)
     res = peers.storescu(node.port, [jls_dir], extra=["-xt"])  # propose JPEG-LS lossless
     assert res.returncode == 0, res.stderr
     rows = node.rows("SELECT transfer_syntax_uid, spool_path FROM instances WHERE transfer_syntax_uid = :t", t=JPEGLSLossless)
