@@ -18,13 +18,13 @@ resources (spool floor/full), 0xA900 dataset does not match the SOP class of
 the request, 0xC210 cannot understand (undecodable/truncated/invalid UIDs),
 0x0110 processing failure (database or unexpected I/O error). Non-CT storage
 SOP classes are stored and indexed like CT, their series created ``ignored``.
+Connections reach these handlers through :mod:`pe_triage_node.dicom.upper_layer`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import ssl
 import threading
 import uuid
@@ -52,7 +52,6 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine
 
 from pe_triage_node.config import NodeConfig
@@ -67,7 +66,7 @@ from pe_triage_node.dicom.index_writer import (
     utcnow,
 )
 from pe_triage_node.dicom.spool import Spool
-from pe_triage_node.dicom import fastpath
+from pe_triage_node.dicom.upper_layer import DEFAULT_MAXIMUM_PDU_SIZE, BoundedAssociationServer
 from pe_triage_node.errors import InputRejected, SpoolFull
 
 log = logging.getLogger(__name__)
@@ -146,31 +145,6 @@ class _AssociationState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class _ReusePortServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with SO_REUSEPORT (several receiving processes) and big buffers."""
-
-    reuse_port = False
-    daemon_threads = True
-
-    def server_bind(self) -> None:
-        sock = cast(socket.socket, self.socket)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if self.reuse_port and hasattr(socket, "SO_REUSEPORT"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-        if self.ae.network_timeout is not None:
-            sock.settimeout(self.ae.network_timeout)
-        sock.bind(self.server_address)
-        self.server_address = sock.getsockname()
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = cast(socket.socket, self.socket).accept()
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context:
-            client = self.ssl_context.wrap_socket(client, server_side=True)
-        return client, address
-
-
 def build_ssl_context(cfg: NodeConfig) -> ssl.SSLContext | None:
     """The server TLS context (PS3.15 B.1), or ``None`` when TLS is off."""
     tls = cfg.receiver.tls
@@ -208,14 +182,14 @@ class StorageSCP:
         self.overlap_commit = engine.dialect.name == "sqlite"
         self._states: dict[int, _AssociationState] = {}
         self._states_lock = threading.Lock()
-        self._server: ThreadedAssociationServer | None = None
+        self._server: BoundedAssociationServer | None = None
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
         rc = self.cfg.receiver
         ae = AE(ae_title=rc.ae_title)
         ae.maximum_associations = rc.max_associations
-        ae.maximum_pdu_size = rc.maximum_pdu_size
+        ae.maximum_pdu_size = rc.maximum_pdu_size or DEFAULT_MAXIMUM_PDU_SIZE  # never unlimited
         ae.network_timeout = rc.network_timeout_s
         ae.acse_timeout = rc.acse_timeout_s
         ae.dimse_timeout = rc.dimse_timeout_s
@@ -227,7 +201,7 @@ class StorageSCP:
         return ae
 
     # -- lifecycle ---------------------------------------------------------------
-    def start(self) -> ThreadedAssociationServer:
+    def start(self) -> BoundedAssociationServer:
         """Bind and start accepting in a background thread; returns the server."""
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         _config.LOG_HANDLER_LEVEL = "none"  # pynetdicom's per-message debug text: built even when not logged
@@ -242,10 +216,9 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
-        fastpath.apply()
-        server_class = type("_Server", (_ReusePortServer,), {"reuse_port": self.reuse_port})
+        server_class = type("_Server", (BoundedAssociationServer,), {"reuse_port": self.reuse_port})
         server = cast(
-            ThreadedAssociationServer,
+            BoundedAssociationServer,
             self.ae.make_server(
                 (rc.host, rc.port),
                 evt_handlers=handlers,
@@ -277,7 +250,7 @@ class StorageSCP:
         """Stop accepting, let open associations finish (up to ``grace_s``), then abort the rest."""
         server = self._server
         if server is not None:
-            server.shutdown()  # stops accepting; in-flight associations keep running
+            server.shutdown()  # stops accepting and drops connections still waiting to associate
             self._server = None
         deadline = threading.Event()
         waited = 0.0

@@ -1,5 +1,5 @@
 """The receiver's pieces without a network: UID validation, attribute indexing, the spool, File Meta,
-and the request checks of the Storage SCP."""
+the request checks of the Storage SCP, and the pynetdicom code its upper layer was written against."""
 
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ from pydicom.uid import (
 )
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
 from pynetdicom.presentation import build_context
 
+from pe_triage_node.dicom import upper_layer
 from pe_triage_node.dicom.index import read_indexed_attributes
 from pe_triage_node.dicom.receiver import (
     STATUS_CANNOT_UNDERSTAND,
@@ -147,6 +149,32 @@ def test_identify_matches_the_dataset_to_the_request(tmp_path: Path) -> None:
     with pytest.raises(_Refused) as garbage:
         identify(os.urandom(2048), ts, _store_event(ds, body, ts).request)
     assert garbage.value.status == STATUS_CANNOT_UNDERSTAND and garbage.value.attrs is None
+
+
+# -- the pynetdicom code the upper layer overrides or calls -------------------------------------
+def test_pynetdicom_code_the_upper_layer_relies_on_is_unchanged() -> None:
+    """Fails when an installed pynetdicom differs from the code dicom/upper_layer.py was written for."""
+    assert upper_layer.pynetdicom_changes() == []
+
+
+def test_code_digest_sees_code_changes_and_ignores_docstrings_and_comments() -> None:
+    code = 'def f(x):\n    """Doc."""\n    return x + 1\n'
+    documented = 'def f(x):\n    """Another doc."""\n    # a comment\n    return x + 1\n'
+    changed = 'def f(x):\n    """Doc."""\n    return x + 2\n'
+    digest = upper_layer.source_digest(code)
+    assert upper_layer.source_digest(documented) == digest
+    assert upper_layer.source_digest(changed) != digest
+
+
+def test_a_changed_pinned_function_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    def _read_pdu_data(self: DULServiceProvider) -> None:
+        return None
+
+    pinned = dict(upper_layer.PINNED_PYNETDICOM)
+    name = "DULServiceProvider._read_pdu_data"
+    pinned[name] = (_read_pdu_data, pinned[name][1])
+    monkeypatch.setattr(upper_layer, "PINNED_PYNETDICOM", pinned)
+    assert upper_layer.pynetdicom_changes() == [name]
 
 
 def test_spool_write_is_atomic_and_respects_the_floor(tmp_path: Path) -> None:
