@@ -222,14 +222,9 @@ def _supervise(
 
 
 def run_receiver_service(cfg: NodeConfig) -> None:
-    """The ``pe-triage receiver`` process: Storage SCP plus series assembly when available."""
-    try:
-        from pe_triage_node.dicom.assembly import SeriesAssembler
-    except ImportError:
-        log.warning("series assembly not available: the receiver only stores")
-        serve(cfg)
-        return
+    """The ``pe-triage receiver`` process: Storage SCP plus series assembly."""
     from pe_triage_node.db.session import make_engine
+    from pe_triage_node.dicom.assembly import SeriesAssembler
 
     engine = make_engine(cfg.database_url, echo=cfg.database.echo)
     assembler = SeriesAssembler(engine, cfg)
@@ -263,14 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pe-triage-receiver: {exc}", file=sys.stderr)
         return 2
-    try:
-        from pe_triage_node.services.logs import configure_logging
-
-        configure_logging(cfg, "receiver")
-    except ImportError:
-        logging.basicConfig(level=cfg.node.log_level, stream=sys.stderr)
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     from pe_triage_node.db.migrate import upgrade
+    from pe_triage_node.services.logs import configure_logging
+
+    configure_logging(cfg, "receiver")
 
     cfg.node.var_dir.mkdir(parents=True, exist_ok=True)
     upgrade(cfg.database_url)
