@@ -30,6 +30,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import inspect
+import io
 import logging
 import selectors
 import socket
@@ -38,6 +39,7 @@ import struct
 import textwrap
 import threading
 import time
+import tokenize
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -472,36 +474,79 @@ def code_digest(func: Callable[..., Any]) -> str:
 
 
 def source_digest(source: str) -> str:
-    """SHA-256 of code: its syntax tree without docstrings (comments never reach it)."""
-    tree = ast.parse(textwrap.dedent(source))
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (
-            isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-            and body
-            and isinstance(body[0], ast.Expr)
-            and isinstance(body[0].value, ast.Constant)
-            and isinstance(body[0].value.value, str)
-        ):
-            node.body = body[1:] or [ast.Pass()]
-    return hashlib.sha256(ast.dump(tree, annotate_fields=False).encode()).hexdigest()
+    """SHA-256 of code without its docstrings, comments and whitespace (stable across Python versions)."""
+    text = textwrap.dedent(source)
+    lines = text.splitlines(keepends=True)
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line))
+    cut: list[tuple[int, int]] = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                end_line, end_col = cast(int, first.end_lineno), cast(int, first.end_col_offset)
+                cut.append((starts[first.lineno - 1] + first.col_offset, starts[end_line - 1] + end_col))
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type == tokenize.COMMENT:
+            cut.append((starts[tok.start[0] - 1] + tok.start[1], starts[tok.end[0] - 1] + tok.end[1]))
+    kept, pos = [], 0
+    for begin, end in sorted(cut):
+        kept.append(text[pos:begin])
+        pos = max(pos, end)
+    kept.append(text[pos:])
+    code = "".join("".join(kept).split())
+    return hashlib.sha256(code.encode()).hexdigest()
 
 
 # What this module re-implements, overrides or calls in pynetdicom, with the digest of the
 # 3.0.4 code it was written against. When one changes, read the new code, adapt this
 # module, and record the new digest.
 PINNED_PYNETDICOM: dict[str, tuple[Callable[..., Any], str]] = {
-    "DULServiceProvider._read_pdu_data": (DULServiceProvider._read_pdu_data, "47d5de6b76e0a0a76508a4dc4fd75fad1a8d65aa287a8ae056fcb3b6a92702f1"),
-    "DULServiceProvider._decode_pdu": (DULServiceProvider._decode_pdu, "ec3d029134f69e73af3490ae741fa44a8da17239ce284a4c60c984c84f2924fc"),
-    "DULServiceProvider._is_transport_event": (DULServiceProvider._is_transport_event, "91c45ef2c6145fca4019ef90b918011c00f4a01d8b5b4648bc088e2dc790282b"),
-    "DULServiceProvider.run_reactor": (DULServiceProvider.run_reactor, "e476ceedc299ce70aba30eb9f17fbdec48ac437c93d9e3cbe126d9626e2ffbcb"),
-    "AssociationSocket.__init__": (AssociationSocket.__init__, "9e2702dfdf4e52c02b1fa6ce209bfcd44ab3f110f2325e0c51e5ba65eaf219d3"),
-    "RequestHandler.handle": (RequestHandler.handle, "f7aef1c365387acf5644281ec74a80af029c4c736424c34e2c6dba4e619b7a47"),
-    "RequestHandler._create_association": (RequestHandler._create_association, "d0eff3ed9c9bbf6523af389a6d70cdb96c05ed66ed3a3299326c788d7868f572"),
-    "AssociationServer.__init__": (AssociationServer.__init__, "ac68ba173faa83213afae097ed695ab7a968516c24ca28e1d9502e7660ee426d"),
-    "AssociationServer.get_request": (AssociationServer.get_request, "1cce000930bc370f905c2461fc01ca11cd6e70794b106d22d47f7714ef97af8e"),
-    "AssociationServer.server_bind": (AssociationServer.server_bind, "da93b3e4704015423a8c76b150a993132aa2c12ed3e3a2d62151902ccebd7e47"),
-    "ThreadedAssociationServer.process_request_thread": (ThreadedAssociationServer.process_request_thread, "50dd9f38145f1c6cf893666a4ddc98f24bc3bb3dc01ed819d03d3018ae334f6a"),
+    "DULServiceProvider._read_pdu_data": (
+        DULServiceProvider._read_pdu_data,
+        "316236b800f519397f617b5795b89ac1547175ebd4e69dd90fd9a43447dd6747",
+    ),
+    "DULServiceProvider._decode_pdu": (
+        DULServiceProvider._decode_pdu,
+        "506be765bd56c529c741ff4b01e54d04420d9dd3c469fc97f62c22da31840f1c",
+    ),
+    "DULServiceProvider._is_transport_event": (
+        DULServiceProvider._is_transport_event,
+        "5bd726f56007f11700fadaf50f60c2822bf9189466618e97282882196e6e32a4",
+    ),
+    "DULServiceProvider.run_reactor": (
+        DULServiceProvider.run_reactor,
+        "6fbb4541bd07b79d8bf8d45b3ea1d2a0f479852c39209dc68c56ef820b47b0e5",
+    ),
+    "AssociationSocket.__init__": (
+        AssociationSocket.__init__,
+        "ad5029828db9252a9f7a6f647ca435a839c73b956502b6d46924175980485efc",
+    ),
+    "RequestHandler.handle": (
+        RequestHandler.handle,
+        "d1f08973257f175fcdbb055ea045951a802dfccbd7655a238cb40b59f88337c2",
+    ),
+    "RequestHandler._create_association": (
+        RequestHandler._create_association,
+        "0ef657aae5c49ac72031015628f94e42a91d9e3d2d1c806eea42135dc8027881",
+    ),
+    "AssociationServer.__init__": (
+        AssociationServer.__init__,
+        "9cb592ac3768051f0bd663f0d841c9f2bca494e8c1b9feccea6ab1811a36875f",
+    ),
+    "AssociationServer.get_request": (
+        AssociationServer.get_request,
+        "1303eb4ba7b56616d40cd29befdb08aca1a85246a98e79431fe34f56dded2dcc",
+    ),
+    "AssociationServer.server_bind": (
+        AssociationServer.server_bind,
+        "229170ad5682ab6583074b2be916e1eafbc3629aae4ab7fc877c6b7f6200eefa",
+    ),
+    "ThreadedAssociationServer.process_request_thread": (
+        ThreadedAssociationServer.process_request_thread,
+        "4c8b29598462e38bc9387ff66f2c7c7d761c63e57d939815a93d0321122a5431",
+    ),
 }
 
 
