@@ -14,7 +14,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from pe_triage_node.dicom.upper_layer import BoundedAssociationServer, BoundedDUL
+from pe_triage_node.dicom.upper_layer import BoundedAssociationServer, WakingDUL
 
 EVENTS = [
     evt.EVT_CONN_OPEN,
@@ -84,4 +84,4 @@ def test_events_fire_for_every_pdu_through_the_gate(server: tuple[BoundedAssocia
     assert pdu_types[0] == 0x01  # the A-ASSOCIATE-RQ the gate read, decoded by pynetdicom
     assert pdu_types.count(0x04) >= 3  # the C-STORE in several P-DATA-TF PDUs
     assert pdu_types[-1] == 0x05  # A-RELEASE-RQ
-    assert set(seen["dul classes"]) == {BoundedDUL}
+    assert set(seen["dul classes"]) == {WakingDUL}  # bounded reads, waits instead of polls
