@@ -1,8 +1,12 @@
 """Real DICOM peers on loopback for tests and benchmarks: dcmtk, Orthanc and the node's receiver.
 
-Every dcmtk/Orthanc process gets ``TCP_NODELAY=1`` (PEERS.md: without it Nagle's
-algorithm caps storescp at ~22 images/s). Readiness is awaited on the port,
-never with a fixed sleep. Processes are stopped by the PID we started.
+dcmtk tools are called by their absolute path under ``/usr/bin`` and checked once
+to be dcmtk's (:func:`dcmtk`): with the project's virtual environment active,
+``storescu``, ``storescp`` and ``echoscu`` on the PATH are pynetdicom's console
+scripts of the same name. Every dcmtk/Orthanc process gets ``TCP_NODELAY=1``
+(PEERS.md: without it Nagle's algorithm caps storescp at ~22 images/s).
+Readiness is awaited on the port, never with a fixed sleep. Processes are
+stopped by the PID we started.
 """
 
 from __future__ import annotations
@@ -15,11 +19,26 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REALDATA_DIR = PROJECT_ROOT.parent / "shared" / "realdata"
+DCMTK_BIN = Path("/usr/bin")
+
+
+@cache
+def dcmtk(tool: str) -> str:
+    """Absolute path of dcmtk's ``tool`` (``storescu``, ``storescp``, ...), checked with ``--version``."""
+    path = DCMTK_BIN / tool
+    try:
+        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30)
+    except OSError as exc:
+        raise RuntimeError(f"dcmtk's {tool} not found at {path}: {exc}") from exc
+    if "$dcmtk:" not in out.stdout + out.stderr:
+        raise RuntimeError(f"{path} is not dcmtk's {tool}: --version said {(out.stdout + out.stderr)[:200]!r}")
+    return str(path)
 
 
 def realdata_dir() -> Path | None:
@@ -91,7 +110,7 @@ def storescu(
     host: str = "127.0.0.1",
 ) -> subprocess.CompletedProcess[str]:
     """Send files/folders in one association with dcmtk ``storescu`` (folders scanned for ``*.dcm``)."""
-    cmd = ["storescu", "-aet", calling, "-aec", called, *extra]
+    cmd = [dcmtk("storescu"), "-aet", calling, "-aec", called, *extra]
     if any(p.is_dir() for p in paths):
         cmd += ["+sd", "+r", "+sp", "*.dcm"]
     cmd += [host, str(port), *[str(p) for p in paths]]
@@ -101,7 +120,7 @@ def storescu(
 def storescu_popen(
     port: int, paths: Sequence[Path], *, calling: str = "SCANNER", called: str = "PETRIAGE", extra: Sequence[str] = ()
 ) -> subprocess.Popen[str]:
-    cmd = ["storescu", "-aet", calling, "-aec", called, *extra]
+    cmd = [dcmtk("storescu"), "-aet", calling, "-aec", called, *extra]
     if any(p.is_dir() for p in paths):
         cmd += ["+sd", "+r", "+sp", "*.dcm"]
     cmd += ["127.0.0.1", str(port), *[str(p) for p in paths]]
@@ -111,7 +130,7 @@ def storescu_popen(
 def echoscu(
     port: int, *, calling: str = "SCANNER", called: str = "PETRIAGE", extra: Sequence[str] = (), timeout: float = 30.0
 ) -> subprocess.CompletedProcess[str]:
-    cmd = ["echoscu", "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port)]
+    cmd = [dcmtk("echoscu"), "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port)]
     return subprocess.run(cmd, env=dcmtk_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -120,7 +139,7 @@ def start_storescp(port: int, out_dir: Path, *, aet: str = "PACS") -> subprocess
     """dcmtk ``storescp`` writing every instance under ``out_dir`` (no fsync: its normal behaviour)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        ["storescp", "-aet", aet, "-od", str(out_dir), str(port)],
+        [dcmtk("storescp"), "-aet", aet, "-od", str(out_dir), str(port)],
         env=dcmtk_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -125,10 +126,14 @@ def read_indexed_attributes(stream: bytes, transfer_syntax: str) -> IndexedAttri
     except Exception as exc:  # pydicom raises many types on garbage
         raise InputRejected(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from exc
     pixel_length = _check_complete(buf, fp.tell(), implicit, little)
-    if pixel_length is not None and pixel_length != 0xFFFFFFFF:
-        _check_native_pixel_length(ds, pixel_length)
     try:
-        return _attributes(ds)
+        values = _values(ds)
+    except Exception as exc:
+        raise InputRejected(f"indexed attribute cannot be decoded: {type(exc).__name__}: {exc}") from exc
+    if pixel_length is not None and pixel_length != 0xFFFFFFFF:
+        _check_native_pixel_length(values, pixel_length)
+    try:
+        return _attributes(values)
     except InputRejected:
         raise
     except Exception as exc:
@@ -139,7 +144,12 @@ def _at_pixel_data(tag: BaseTag, _vr: str | None, _length: int) -> bool:
     return tag == PIXEL_DATA
 
 
-def _check_native_pixel_length(ds: Dataset, length: int) -> None:
+def _values(ds: Dataset) -> dict[str, Any]:
+    """The dataset's values by keyword, each element decoded once (cheaper than a lookup per keyword)."""
+    return {elem.keyword: elem.value for elem in ds}
+
+
+def _check_native_pixel_length(ds: Mapping[str, Any], length: int) -> None:
     """Refuse native Pixel Data shorter than Rows × Columns × Samples × BitsAllocated/8 × Frames."""
     try:
         rows = int(ds.get("Rows") or 0)
@@ -198,7 +208,7 @@ def _check_complete(buf: bytes, pos: int, implicit: bool, little: bool) -> int |
     return int(length)
 
 
-def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
+def _text(ds: Mapping[str, Any], keyword: str, limit: int) -> str | None:
     value: Any = ds.get(keyword)
     if value is None or value == "":
         return None
@@ -210,7 +220,7 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
     return text[:limit] if text else None
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
+def _int(ds: Mapping[str, Any], keyword: str) -> int | None:
     try:
         value = ds.get(keyword)
         return int(value) if value not in (None, "") else None
@@ -218,7 +228,7 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def _float(ds: Dataset, keyword: str) -> float | None:
+def _float(ds: Mapping[str, Any], keyword: str) -> float | None:
     try:
         value = ds.get(keyword)
         return float(value) if value not in (None, "") else None
@@ -226,7 +236,7 @@ def _float(ds: Dataset, keyword: str) -> float | None:
         return None
 
 
-def _attributes(ds: Dataset) -> IndexedAttributes:
+def _attributes(ds: Mapping[str, Any]) -> IndexedAttributes:
     return IndexedAttributes(
         sop_class_uid=validate_uid(_text(ds, "SOPClassUID", 65), "SOPClassUID"),
         sop_instance_uid=validate_uid(_text(ds, "SOPInstanceUID", 65), "SOPInstanceUID"),

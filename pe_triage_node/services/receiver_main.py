@@ -80,7 +80,8 @@ def _serve_one(
     on_started: Callable[[], None] | None = None,
 ) -> None:
     from pe_triage_node.db.session import make_engine
-    from pe_triage_node.dicom.receiver import CommitterClient, StorageSCP
+    from pe_triage_node.dicom.committer import CommitterClient
+    from pe_triage_node.dicom.receiver import StorageSCP
 
     engine = make_engine(cfg.database_url, echo=cfg.database.echo)
     client = CommitterClient(committer_conn, engine) if committer_conn is not None else None
@@ -120,12 +121,8 @@ def serve(
     ``on_started()`` runs once listening (after the receiving processes were
     forked): start this process's own threads there, not before.
     """
-    from pe_triage_node.dicom.spool import Spool
-
     cfg.spool_dir.mkdir(parents=True, exist_ok=True)
-    spool = Spool(cfg.spool_dir)
-    spool.sweep_temporaries()  # before any receiving process writes
-    _reconcile(cfg, spool)
+    _repair(cfg)  # before any receiving process writes
     stop = threading.Event()
     if cfg.receiver.processes <= 1:
         _install_stop_signals(stop)
@@ -143,15 +140,15 @@ def serve(
     _supervise(cfg, on_association_released, stop, on_started)
 
 
-def _reconcile(cfg: NodeConfig, spool: Any) -> None:
-    """After a crash: drop rows of never-acknowledged instances (SQLite: this node owns the database)."""
+def _repair(cfg: NodeConfig) -> None:
+    """After a crash: temporary files, and (SQLite: this node owns the database) unacknowledged rows."""
     from pe_triage_node.db.session import make_engine
-    from pe_triage_node.dicom.receiver import reconcile_interrupted
+    from pe_triage_node.dicom.repair import repair_after_crash
+    from pe_triage_node.dicom.spool import Spool
 
     engine = make_engine(cfg.database_url)
     try:
-        if engine.dialect.name == "sqlite":
-            reconcile_interrupted(engine, spool)
+        repair_after_crash(engine, Spool(cfg.spool_dir))
     finally:
         engine.dispose()
 
@@ -164,7 +161,7 @@ def _supervise(
 ) -> None:
     """Fork the receiving processes, then commit their rows here (one writer for all)."""
     from pe_triage_node.db.session import make_engine
-    from pe_triage_node.dicom.receiver import IndexCommitter, serve_committer_connection
+    from pe_triage_node.dicom.committer import IndexCommitter, serve_committer_connection
 
     ctx = multiprocessing.get_context("fork")  # forked before this process starts its threads
 
@@ -225,14 +222,9 @@ def _supervise(
 
 
 def run_receiver_service(cfg: NodeConfig) -> None:
-    """The ``pe-triage receiver`` process: Storage SCP plus series assembly when available."""
-    try:
-        from pe_triage_node.dicom.assembly import SeriesAssembler
-    except ImportError:
-        log.warning("series assembly not available: the receiver only stores")
-        serve(cfg)
-        return
+    """The ``pe-triage receiver`` process: Storage SCP plus series assembly."""
     from pe_triage_node.db.session import make_engine
+    from pe_triage_node.dicom.assembly import SeriesAssembler
 
     engine = make_engine(cfg.database_url, echo=cfg.database.echo)
     assembler = SeriesAssembler(engine, cfg)
@@ -266,14 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pe-triage-receiver: {exc}", file=sys.stderr)
         return 2
-    try:
-        from pe_triage_node.services.logs import configure_logging
-
-        configure_logging(cfg, "receiver")
-    except ImportError:
-        logging.basicConfig(level=cfg.node.log_level, stream=sys.stderr)
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     from pe_triage_node.db.migrate import upgrade
+    from pe_triage_node.services.logs import configure_logging
+
+    configure_logging(cfg, "receiver")
 
     cfg.node.var_dir.mkdir(parents=True, exist_ok=True)
     upgrade(cfg.database_url)

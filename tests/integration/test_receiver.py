@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -23,6 +24,10 @@ import pytest
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
 from pynetdicom import AE, _config
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import Engine, text
 
 from pe_triage_node.db.session import make_engine
@@ -130,6 +135,14 @@ def _wait_until(predicate: Any, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def test_dcmtk_peers_are_dcmtk_by_absolute_path() -> None:
+    """The venv's pynetdicom installs storescu/echoscu namesakes: tests call dcmtk by its /usr/bin path."""
+    assert peers.dcmtk("storescu") == "/usr/bin/storescu"
+    assert peers.dcmtk("echoscu") == "/usr/bin/echoscu"
+    with pytest.raises(RuntimeError, match="not dcmtk"):
+        peers.dcmtk("true")  # /usr/bin/true answers --version too, as coreutils
+
+
 # -- storescu: real data, generated data, compressed, parallel --------------------------------------
 def test_echo_and_realdata_both_reconstructions_indexed(start_node: Any) -> None:
     realdata = peers.realdata_dir()
@@ -181,7 +194,7 @@ def test_generated_300_slice_series_and_jpegls_copy(start_node: Any, tmp_path: P
     study = StudyIdentity()
     small = _series(tmp_path / "small", 8, 128, study=study, series_number=3)
     for f in small:
-        subprocess.run(["dcmcjpls", str(f), str(jls_dir / f.name)], check=True, capture_output=True)
+        subprocess.run([peers.dcmtk("dcmcjpls"), str(f), str(jls_dir / f.name)], check=True, capture_output=True)
     res = peers.storescu(node.port, [jls_dir], extra=["-xt"])  # propose JPEG-LS lossless
     assert res.returncode == 0, res.stderr
     rows = node.rows("SELECT transfer_syntax_uid, spool_path FROM instances WHERE transfer_syntax_uid = :t", t=JPEGLSLossless)
@@ -357,7 +370,9 @@ def test_tls_echo_and_store_with_client_certificates(start_node: Any, tmp_path: 
         }
     )
     tls_args = ["+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt")]
+    stalled = _raw_connection(node.port)  # TCP open, no ClientHello: must not hold up anyone else
     assert peers.echoscu(node.port, extra=tls_args).returncode == 0
+    stalled.close()
     files = _series(tmp_path / "gen", 3, 64)
     res = peers.storescu(node.port, files, extra=tls_args)
     assert res.returncode == 0, res.stderr
@@ -365,6 +380,145 @@ def test_tls_echo_and_store_with_client_certificates(start_node: Any, tmp_path: 
     # Without a client certificate the TLS handshake is refused; plain TCP too.
     assert peers.echoscu(node.port, extra=["+tla", "+cf", str(pki / "ca.crt")]).returncode != 0
     assert peers.echoscu(node.port).returncode != 0
+
+
+# -- hostile peers (PS3.8 upper layer) ----------------------------------------------------------------------
+FOUR_GIB_HEADER = bytes.fromhex("0100FFFFFFF0")  # an A-ASSOCIATE-RQ declaring 4 GiB
+P_DATA_FOUR_GIB_HEADER = bytes.fromhex("0400FFFFFFF0")
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def _raw_connection(port: int, payload: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if payload:
+        sock.sendall(payload)
+    return sock
+
+
+def _until_closed(sock: socket.socket, timeout: float = 20.0) -> bytes:
+    """Everything the receiver sends until it closes the connection (socket.timeout if it never does)."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    sock.close()
+    return data
+
+
+def _associate_rq(calling: str = "SCANNER", called: str = "PETRIAGE") -> bytes:
+    """An encoded A-ASSOCIATE-RQ proposing Verification (PS3.8 9.3.2)."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = calling
+    primitive.called_ae_title = called
+    cx = build_context(Verification)
+    cx.context_id = 1
+    primitive.presentation_context_definition_list = [cx]
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16382
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = "1.2.826.0.1.3680043.9.3811.3.0.4"
+    primitive.user_information = [max_length, implementation]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+def _is_abort(data: bytes) -> bool:
+    return len(data) >= 10 and data[0] == 0x07
+
+
+def test_hostile_connections_cost_neither_memory_nor_association_slots(start_node: Any, tmp_path: Path) -> None:
+    """Issue 14: eight 4 GiB headers, random bytes and a truncated A-ASSOCIATE-RQ held open, while
+    dcmtk's echoscu and storescu go through and the receiver grows by less than 256 MiB."""
+    # 4 slots: a slot is free again only once pynetdicom's association thread has ended.
+    node = start_node(max_associations=4, acse_timeout_s=60.0)
+    assert peers.echoscu(node.port).returncode == 0
+    rss_before = _rss_bytes(node.proc.pid)
+    giant = [_raw_connection(node.port, FOUR_GIB_HEADER) for _ in range(8)]
+    noise = _raw_connection(node.port, np.random.default_rng(14).bytes(64))
+    rq = _associate_rq()
+    truncated = [_raw_connection(node.port, rq[: len(rq) // 2]) for _ in range(4)]
+    silent = [_raw_connection(node.port) for _ in range(4)]
+    # Every 4 GiB header is answered with an A-ABORT (invalid PDU parameter value) and the connection closed.
+    for sock in giant:
+        reply = _until_closed(sock)
+        assert _is_abort(reply) and reply[9] == 0x06, reply.hex()
+    _until_closed(noise)  # refused one way or another, never read as 4 GiB
+    # The truncated requests and silent connections are still held (60 s ACSE timeout): eight of
+    # them, more than max_associations, yet a real sender gets through, again and again.
+    for _ in range(3):
+        assert peers.echoscu(node.port).returncode == 0
+    files = _series(tmp_path / "gen", 4, 256)
+    res = peers.storescu(node.port, files)
+    assert res.returncode == 0, res.stderr
+    assert _instance_count(node) == 4
+    grown = _rss_bytes(node.proc.pid) - rss_before
+    assert grown < 256 * 1024 * 1024, f"receiver grew by {grown / 2**20:.0f} MiB"
+    # The rest of a truncated request, sent late, still associates (the gate only waited).
+    held = truncated[0]
+    held.sendall(rq[len(rq) // 2 :])
+    held.settimeout(10)
+    assert held.recv(1) == b"\x02"  # A-ASSOCIATE-AC
+    for sock in [held, *truncated[1:], *silent]:
+        sock.close()
+
+
+def test_connection_without_association_is_dropped_after_the_acse_timeout(start_node: Any) -> None:
+    node = start_node(acse_timeout_s=1.0)
+    silent = _raw_connection(node.port)
+    rq = _associate_rq()
+    truncated = _raw_connection(node.port, rq[:40])
+    assert _until_closed(silent, timeout=30) == b""  # closed, nothing sent (ARTIM expiry, PS3.8 9.1.5)
+    assert _until_closed(truncated, timeout=30) == b""
+    assert peers.echoscu(node.port).returncode == 0
+
+
+def test_idle_connection_flood_never_keeps_a_sender_out(start_node: Any) -> None:
+    """More idle connections than the gate holds: the longest-waiting ones are closed, echoscu gets through."""
+    node = start_node(acse_timeout_s=120.0)
+    flood = [_raw_connection(node.port) for _ in range(80)]
+    assert peers.echoscu(node.port).returncode == 0
+    assert _until_closed(flood[0], timeout=20) == b""  # evicted, the oldest first
+    for sock in flood:
+        sock.close()
+
+
+def test_unexpected_first_pdus_are_aborted(start_node: Any) -> None:
+    node = start_node()
+    unexpected = _until_closed(_raw_connection(node.port, bytes.fromhex("0400000000020000")))  # P-DATA-TF first
+    assert _is_abort(unexpected) and unexpected[9] == 0x02
+    unknown = _until_closed(_raw_connection(node.port, bytes.fromhex("2A0000000000")))
+    assert _is_abort(unknown) and unknown[9] == 0x01
+    assert peers.echoscu(node.port).returncode == 0
+
+
+def test_oversized_pdu_on_an_association_is_aborted(start_node: Any, tmp_path: Path) -> None:
+    """After association, a PDU longer than the advertised maximum gets an A-ABORT; nothing is allocated."""
+    node = start_node(maximum_pdu_size=65536)
+    rss_before = _rss_bytes(node.proc.pid)
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="PETRIAGE")
+    assert assoc.is_established
+    assert assoc.acceptor.maximum_length == 65536
+    assoc.dul.socket.socket.sendall(P_DATA_FOUR_GIB_HEADER)  # type: ignore[union-attr]
+    _wait_until(lambda: assoc.is_aborted, timeout=20)
+    _wait_closed(node, 1)
+    assert node.scalar("SELECT outcome FROM associations") == "aborted"
+    assert _rss_bytes(node.proc.pid) - rss_before < 64 * 1024 * 1024
+    files = _series(tmp_path / "gen", 2, 64)
+    assert peers.storescu(node.port, files).returncode == 0
 
 
 # -- PostgreSQL (and SQLite) ---------------------------------------------------------------------------------

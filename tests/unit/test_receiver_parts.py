@@ -1,4 +1,5 @@
-"""The receiver's pieces without a network: UID validation, attribute indexing, the spool, File Meta."""
+"""The receiver's pieces without a network: UID validation, attribute indexing, the spool, File Meta,
+the request checks of the Storage SCP, and the pynetdicom code its upper layer was written against."""
 
 from __future__ import annotations
 
@@ -11,10 +12,28 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.filereader import _read_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+)
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.events import Event
+from pynetdicom.presentation import build_context
 
+from pe_triage_node.dicom import upper_layer
 from pe_triage_node.dicom.index import read_indexed_attributes
-from pe_triage_node.dicom.receiver import file_meta_bytes
+from pe_triage_node.dicom.receiver import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_SOP_CLASS_MISMATCH,
+    _Refused,
+    identify,
+    part10_header,
+)
 from pe_triage_node.dicom.spool import Spool
 from pe_triage_node.dicom.uids import is_valid_uid, validate_uid
 from pe_triage_node.errors import InputRejected, SpoolFull
@@ -91,15 +110,71 @@ def test_index_refuses_truncated_and_garbage(tmp_path: Path) -> None:
         read_indexed_attributes(b"\x00" * 4096, ImplicitVRLittleEndian)
 
 
-def test_file_meta_bytes_make_a_valid_part10_file(tmp_path: Path) -> None:
-    meta, body, ds = _encoded(tmp_path)
-    head = file_meta_bytes(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian, "SCANNER")
+def _store_event(ds: pydicom.Dataset, body: bytes, ts: str, *, sop_class: str | None = None, sop: str | None = None) -> Event:
+    """The EVT_C_STORE event pynetdicom hands the handler for a request carrying ``body``."""
+    request = C_STORE()
+    request.AffectedSOPClassUID = sop_class or ds.SOPClassUID
+    request.AffectedSOPInstanceUID = sop or ds.SOPInstanceUID
+    request.DataSet = io.BytesIO(body)
+    cx = build_context(request.AffectedSOPClassUID, ts)
+    cx.context_id = 1
+    return Event(None, evt.EVT_C_STORE, {"request": request, "context": cx.as_tuple})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_part10_header_makes_a_valid_file_of_the_received_bytes(tmp_path: Path, ts: str) -> None:
+    _meta, body, ds = _encoded(tmp_path, ts)
+    event = _store_event(ds, body, ts)
     out = tmp_path / "x.dcm"
-    out.write_bytes(head + body)
+    out.write_bytes(part10_header(event, "SCANNER") + event.encoded_dataset(include_meta=False))
     back = pydicom.dcmread(out)
     assert back.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert back.file_meta.MediaStorageSOPClassUID == CTImageStorage
+    assert back.file_meta.TransferSyntaxUID == ts
     assert back.file_meta.SourceApplicationEntityTitle == "SCANNER"
     assert back.PixelData == ds.PixelData
+
+
+def test_identify_matches_the_dataset_to_the_request(tmp_path: Path) -> None:
+    _meta, body, ds = _encoded(tmp_path)
+    ts = ExplicitVRLittleEndian
+    assert identify(body, ts, _store_event(ds, body, ts).request).sop_instance_uid == ds.SOPInstanceUID
+    with pytest.raises(_Refused) as wrong_uid:
+        identify(body, ts, _store_event(ds, body, ts, sop="1.2.3.4").request)
+    assert wrong_uid.value.status == STATUS_CANNOT_UNDERSTAND and "SOPInstanceUID" in wrong_uid.value.reason
+    with pytest.raises(_Refused) as wrong_class:
+        identify(body, ts, _store_event(ds, body, ts, sop_class=MRImageStorage).request)
+    assert wrong_class.value.status == STATUS_SOP_CLASS_MISMATCH
+    assert wrong_class.value.attrs is not None and wrong_class.value.attrs.series_instance_uid == ds.SeriesInstanceUID
+    with pytest.raises(_Refused) as garbage:
+        identify(os.urandom(2048), ts, _store_event(ds, body, ts).request)
+    assert garbage.value.status == STATUS_CANNOT_UNDERSTAND and garbage.value.attrs is None
+
+
+# -- the pynetdicom code the upper layer overrides or calls -------------------------------------
+def test_pynetdicom_code_the_upper_layer_relies_on_is_unchanged() -> None:
+    """Fails when an installed pynetdicom differs from the code dicom/upper_layer.py was written for."""
+    assert upper_layer.pynetdicom_changes() == []
+
+
+def test_code_digest_sees_code_changes_and_ignores_docstrings_and_comments() -> None:
+    code = 'def f(x):\n    """Doc."""\n    return x + 1\n'
+    documented = 'def f(x):\n    """Another doc."""\n    # a comment\n    return x + 1\n'
+    changed = 'def f(x):\n    """Doc."""\n    return x + 2\n'
+    digest = upper_layer.source_digest(code)
+    assert upper_layer.source_digest(documented) == digest
+    assert upper_layer.source_digest(changed) != digest
+
+
+def test_a_changed_pinned_function_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    def _read_pdu_data(self: DULServiceProvider) -> None:
+        return None
+
+    pinned = dict(upper_layer.PINNED_PYNETDICOM)
+    name = "DULServiceProvider._read_pdu_data"
+    pinned[name] = (_read_pdu_data, pinned[name][1])
+    monkeypatch.setattr(upper_layer, "PINNED_PYNETDICOM", pinned)
+    assert upper_layer.pynetdicom_changes() == [name]
 
 
 def test_spool_write_is_atomic_and_respects_the_floor(tmp_path: Path) -> None:
