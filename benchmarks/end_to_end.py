@@ -94,7 +94,7 @@ def main() -> int:
         node_port, pacs_port = peers.free_port(), peers.free_port()
         out = tmp / "pacs"
         out.mkdir()
-        pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(out), str(pacs_port)],
+        pacs = subprocess.Popen([peers.dcmtk("storescp"), "-aet", "PACS", "-od", str(out), str(pacs_port)],
                                 env=peers.dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         peers.wait_for_port(pacs_port, proc=pacs)
         db_url = f"sqlite:///{tmp / 'var' / 'node.db'}"

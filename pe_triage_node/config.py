@@ -84,10 +84,11 @@ class ReceiverSection(_Section):
     check_called_aet: bool = True
     max_associations: int = Field(16, ge=1, le=1024)
     processes: int = Field(1, ge=1, le=64)
-    maximum_pdu_size: int = Field(0, ge=0)
+    maximum_pdu_size: int = Field(131072, ge=4096, le=16777216)
+    max_pending_connections: int = Field(64, ge=1, le=4096)
     min_free_mb: int = Field(1024, ge=0)
     network_timeout_s: float = Field(60.0, gt=0)
-    acse_timeout_s: float = Field(30.0, gt=0)
+    acse_timeout_s: float = Field(10.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     tls: TLSSection = Field(default_factory=TLSSection)
 

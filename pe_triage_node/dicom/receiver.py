@@ -66,7 +66,7 @@ from pe_triage_node.dicom.index_writer import (
     utcnow,
 )
 from pe_triage_node.dicom.spool import Spool
-from pe_triage_node.dicom.upper_layer import DEFAULT_MAXIMUM_PDU_SIZE, BoundedAssociationServer
+from pe_triage_node.dicom.upper_layer import BoundedAssociationServer
 from pe_triage_node.errors import InputRejected, SpoolFull
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class StorageSCP:
         rc = self.cfg.receiver
         ae = AE(ae_title=rc.ae_title)
         ae.maximum_associations = rc.max_associations
-        ae.maximum_pdu_size = rc.maximum_pdu_size or DEFAULT_MAXIMUM_PDU_SIZE  # never unlimited
+        ae.maximum_pdu_size = rc.maximum_pdu_size
         ae.network_timeout = rc.network_timeout_s
         ae.acse_timeout = rc.acse_timeout_s
         ae.dimse_timeout = rc.dimse_timeout_s
@@ -216,7 +216,9 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
-        server_class = type("_Server", (BoundedAssociationServer,), {"reuse_port": self.reuse_port})
+        server_class = type(
+            "_Server", (BoundedAssociationServer,), {"reuse_port": self.reuse_port, "max_pending": rc.max_pending_connections}
+        )
         server = cast(
             BoundedAssociationServer,
             self.ae.make_server(

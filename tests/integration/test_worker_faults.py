@@ -167,7 +167,7 @@ def test_results_reach_a_destination_that_was_down_exactly_once(
 
     out = tmp_path / "pacs"
     out.mkdir()
-    pacs = subprocess.Popen(["storescp", "+uf", "-aet", "PACS", "-od", str(out), str(pacs_port)],
+    pacs = subprocess.Popen([peers.dcmtk("storescp"), "+uf", "-aet", "PACS", "-od", str(out), str(pacs_port)],
                             env=peers.dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs.append(pacs)
     peers.wait_for_port(pacs_port, proc=pacs)
