@@ -33,7 +33,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from pydicom import config as pydicom_config
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -203,7 +202,6 @@ class StorageSCP:
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> BoundedAssociationServer:
         """Bind and start accepting in a background thread; returns the server."""
-        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         _config.LOG_HANDLER_LEVEL = "none"  # pynetdicom's per-message debug text: built even when not logged
         self.committer.start()
         rc = self.cfg.receiver

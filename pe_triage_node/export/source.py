@@ -2,8 +2,8 @@
 
 A source header from a scanner can carry anything: a private element whose
 value does not fit its VR (a Philips (01F1,1026) holding text in a binary VR
-makes pydicom raise ``BytesLengthException`` when it is converted), a
-malformed optional attribute. The SR and the SCs are built from
+makes pydicom raise ``BytesLengthException`` when it is converted), a date
+that is not a date (highdicom parses PatientBirthDate and fails on it). The SR and the SCs are built from
 :func:`source_header` copies that hold only :data:`SOURCE_ATTRIBUTES` (and
 :func:`slice_reference` copies of the slices they only reference), each
 read on its own: an element the outputs do not name is never read, and one
@@ -25,8 +25,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pydicom.config import RAISE
+from pydicom.datadict import dictionary_VM
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
+from pydicom.valuerep import validate_value
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +115,31 @@ _SOURCE_TAGS = _tags(SOURCE_ATTRIBUTES)
 _SLICE_TAGS = _tags(SLICE_ATTRIBUTES)
 
 
+#: Value representations the output libraries parse (highdicom builds ``DA(...)`` from PatientBirthDate...):
+#: a value of one of these that does not conform is left out rather than failing the job. Text of other
+#: VRs is copied as it came (an over-long PatientID stays the one the PACS files the study under).
+_PARSED_VRS = frozenset({"DA", "TM", "DT", "AS", "DS", "IS", "UI"})
+#: Enumerated values highdicom turns into its own enums (PS3.3 C.7.1.1).
+_ENUMERATED = {"PatientSex": frozenset({"M", "F", "O"})}
+
+
 def _copy(ds: Dataset, tags: tuple[tuple[str, BaseTag], ...]) -> Dataset:
     out = Dataset()
     for keyword, tag in tags:
         try:
-            if tag in ds:
-                out.add(ds[tag])  # converts the raw element: a malformed value raises here
+            if tag not in ds:
+                continue
+            elem = ds[tag]  # converts the raw element: a malformed value raises here
+            if elem.VM > 1 and dictionary_VM(tag) == "1":
+                raise ValueError("several values where the standard allows one")
+            if elem.VR in _PARSED_VRS and elem.value not in (None, ""):
+                for value in elem.value if elem.VM > 1 else [elem.value]:
+                    validate_value(elem.VR, str(value), RAISE)
+            if keyword in _ENUMERATED and elem.value not in (None, "") and elem.value not in _ENUMERATED[keyword]:
+                raise ValueError("not one of the enumerated values")
+            out.add(elem)
         except Exception:  # noqa: BLE001 - pydicom raises many types for a malformed value
-            log.warning("source attribute %s unreadable: left out of the outputs", keyword)
+            log.warning("source attribute %s unreadable or malformed: left out of the outputs", keyword)
     return out
 
 

@@ -10,6 +10,8 @@ import json
 import logging
 import sys
 
+from pydicom import config as pydicom_config
+
 from pe_triage_node.config import NodeConfig
 
 
@@ -41,3 +43,7 @@ def configure_logging(cfg: NodeConfig, process_name: str) -> None:
     root.setLevel(cfg.node.log_level)
     # pynetdicom logs dataset summaries at DEBUG (may include identifiers): keep it at WARNING.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pydicom warns *and logs* a non-conforming value it reads, quoting the value ("Invalid value
+    # for VR DA: '19XX0101'" is a birth date). The node checks what it uses where it uses it
+    # (export/source.py, selection), so reading does not validate.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE

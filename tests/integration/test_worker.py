@@ -166,6 +166,36 @@ def test_a_malformed_private_element_in_every_slice_does_not_fail_the_study(
         assert len(s.scalars(select(Job).where(Job.kind == JobKind.export)).all()) == 1
 
 
+#: Values a sender wrote that the outputs need but cannot use as they are.
+NON_CONFORMING = {
+    "PatientBirthDate": "19XX0101",  # not a date: highdicom parses it
+    "PatientSex": "Q",  # not M, F or O: highdicom's enumeration
+    "ReferringPhysicianName": "DOE^JOHN\\ROE^RICHARD",  # two values where one is allowed
+    "StudyTime": "99:99",
+    "PatientAge": "200Z",
+    "PatientID": "X" * 100,  # longer than LO allows: copied as it came (the PACS files the study under it)
+}
+
+
+def test_non_conforming_values_the_outputs_copy_do_not_fail_the_study(worker: InferenceWorker, tmp_path: Path) -> None:
+    import pydicom
+
+    files = node_support.tiny_series(tmp_path / "odd", STUDY, SERIES)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        for keyword, value in NON_CONFORMING.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path)
+    job_id = node_support.seed_selected_series(worker.engine, worker.cfg.spool_dir, files)
+    assert worker.process_one() == JobOutcome.done
+    with Session(worker.engine) as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state == JobState.succeeded and job.attempts == 1
+    (sr,) = (worker.cfg.export.outputs_dir / SERIES).glob("SR_*.dcm")
+    out = pydicom.dcmread(sr)
+    assert out.PatientID == "X" * 100 and out.PatientBirthDate == "" and out.PatientSex == ""
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_infer_outputs_and_the_worker_decide_the_same_priority(
     worker: InferenceWorker, manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
