@@ -128,6 +128,7 @@ class SelectionSection(_Section):
     )
     image_type_required: list[str] = Field(default_factory=lambda: ["ORIGINAL", "AXIAL"])
     min_slices: int = Field(30, ge=1)
+    max_slices: int = Field(2000, ge=1)
     max_slice_thickness_mm: float = Field(3.0, gt=0)
     series_description_include: str | None = None
     series_description_exclude: str | None = r"(?i)\b(scout|topogram|localizer|dose|mip|mpr|lung)\b"

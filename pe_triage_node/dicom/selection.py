@@ -12,7 +12,7 @@ in this order; the first one a series fails is its rejection reason:
 3. SOP Class UID in ``sop_classes`` (CT Image Storage / Enhanced CT, PS3.4 B.5);
 4. Image Type (0008,0008) contains every value of ``image_type_required``
    (PS3.3 C.7.6.1.1.2, e.g. ORIGINAL and AXIAL);
-5. at least ``min_slices`` instances;
+5. at least ``min_slices`` and at most ``max_slices`` instances;
 6. slice thickness at most ``max_slice_thickness_mm`` -- see *thickness* below;
 7. the optional include/exclude regular expressions (``re.search``) on
    Series Description, Study Description, Protocol Name and Convolution Kernel.
@@ -247,6 +247,8 @@ def _failed_rule(c: SeriesCandidate, rules: SelectionSection) -> str | None:
     if c.slice_count < rules.min_slices:
         noun = "slice" if c.slice_count == 1 else "slices"
         return f"only {c.slice_count} {noun}, at least {rules.min_slices} required"
+    if c.slice_count > rules.max_slices:
+        return f"{c.slice_count} slices, at most {rules.max_slices} analysed"
     thick = c.effective_thickness
     if thick is None:
         return "slice thickness unknown: no SliceThickness and no usable slice positions"

@@ -59,6 +59,7 @@ RULES = SelectionSection(max_slice_thickness_mm=8.0)  # thick reconstructions ta
         ({"image_type": ("ORIGINAL", "PRIMARY", "LOCALIZER")}, "ImageType lacks AXIAL"),
         ({"image_type": ("DERIVED", "SECONDARY", "AXIAL")}, "ImageType lacks ORIGINAL"),
         ({"slice_count": 2}, "only 2 slices, at least 30 required"),
+        ({"slice_count": 2001}, "not a CTPA: 2001 slices, at most 2000 analysed"),
         ({"slice_thickness": 10.0, "slice_spacing": 10.0}, "not a CTPA: slice thickness 10 mm exceeds the maximum 8 mm"),
         ({"slice_thickness": 1.0, "slice_spacing": 10.0}, "slice spacing 10 mm (from ImagePositionPatient)"),
         ({"slice_thickness": None, "slice_spacing": None}, "slice thickness unknown"),
