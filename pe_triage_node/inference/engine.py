@@ -203,6 +203,7 @@ class InferenceEngine:
             positions_mm=[float(i) for i in range(slices)],
             series_instance_uid="2.25.0",
             study_instance_uid="2.25.0",
+            contrast_bolus_agent="none: a synthetic warm-up chest",
         )
         self.analyse(volume)
         return time.perf_counter() - t

@@ -66,3 +66,8 @@ def test_the_engine_refuses_before_running_the_model(phantom: Callable[..., np.n
     with pytest.raises(VolumeRejected, match="not a contrast-enhanced CTPA"):
         engine.analyse(tmp_path)
     assert load_ct_volume(tmp_path).contrast_bolus_agent == ""
+
+
+def test_the_warm_up_chest_is_not_refused() -> None:
+    engine = InferenceEngine(random_model(0, input_size=16), device="cpu", lung_crop="threshold", require_contrast=True)
+    assert engine.warm_up(slices=10, matrix=64) > 0
