@@ -235,7 +235,6 @@ class Exporter:
         if delivery.outcome is Outcome.delivered:
             complete(self.engine, job.id, self.worker_id, delivery.detail)
         elif delivery.outcome is Outcome.dead:
-            log.warning("job %d dead-lettered series=%s", job.id, job.series_instance_uid)
             fail(self.engine, job.id, self.worker_id, delivery.detail, retry=False)
         else:
             delay = backoff_delay(job.attempts, ex.backoff_base_s, ex.backoff_cap_s)
