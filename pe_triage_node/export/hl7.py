@@ -317,4 +317,4 @@ def send_oru(dest: HL7Destination, message: str, control_id: str) -> Delivery:
         return Delivery.retry(f"{dest.name}: MLLP {dest.host}:{dest.port}: {type(exc).__name__}: {exc}"[:500])
     outcome = ack_delivery(ack, control_id)
     log.info("HL7 to %s: message %s answered %s (%s)", dest.name, control_id, ack.code, outcome.outcome.value)
-    return outcome
+    return Delivery(outcome.outcome, f"{dest.name}: {outcome.detail}")

@@ -221,6 +221,17 @@ def test_destinations_by_kind_with_dicom_the_default(tmp_path: Path) -> None:
     assert not wants(ris, Priority.ROUTINE) and wants(ris, Priority.URGENT) and wants(pacs, Priority.ROUTINE)
 
 
+def test_the_documented_destination_examples_load(tmp_path: Path) -> None:
+    """The commented [[export.destinations]] examples of config/node.toml, uncommented, are a valid configuration."""
+    text = (Path(__file__).resolve().parents[2] / "config" / "node.toml").read_text()
+    examples = text[text.index("\ndestinations = []\n"):text.index("\n[worker]\n")]
+    lines = [line[2:] for line in examples.splitlines() if line.startswith("# ")]
+    f = tmp_path / "node.toml"
+    f.write_text("\n".join(lines) + "\n")
+    kinds = [d.kind for d in load_config(f).export.destinations]
+    assert kinds == ["dicom", "dicomweb", "hl7", "fhir"]
+
+
 def test_the_bearer_token_is_masked_in_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "node.toml"
     f.write_text('[[export.destinations]]\nname = "ehr"\nkind = "fhir"\nurl = "https://ehr/fhir"\nbearer_token = "tok-123"\n')
