@@ -11,7 +11,7 @@ and checked with ``hl7apy`` at its strict validation level)::
          OBR-20 StudyInstanceUID, OBR-22 result time, OBR-24 CT, OBR-25 P (preliminary), OBR-27.6 priority
     NTE  NOT FOR DIAGNOSTIC USE ...
     TQ1  TQ1-9 priority: S (STAT), A (URGENT: ASAP), R (ROUTINE), HL7 table 0485
-    OBX  RP  (113014, DCM, "Study"): the StudyInstanceUID as a DICOM reference
+    OBX  RP  (113014, DCM, "Study"): StudyInstanceUID^&1.2.840.10008&ISO^Application^DICOM
     OBX  CE  one per finding, the SR's codes (SNOMED CT where one exists, else 99PETRIAGE)
     OBX  CE  the triage priority (99PETRIAGE)
     OBX  NM  one per probability, unit 1 (UCUM)
@@ -59,6 +59,8 @@ PRIORITY_CODES: dict[Priority, tuple[str, str]] = {
     Priority.ROUTINE: ("R", "Routine"),
 }
 RESULT_STATUS = "P"  # preliminary (HL7 tables 0123 and 0085)
+#: RP.2 of the study reference: the application ID as the DICOM UID root (ISO), the pointer a DICOM UID.
+DICOM_ROOT = "1.2.840.10008"
 #: HL7 v2 coding system names (table 0396) of the DICOM ones we use; a "99..." scheme is local as it is.
 _CODING_SYSTEMS = {"SCT": "SCT", "DCM": "DCM", "UCUM": "UCUM", "LN": "LN"}
 
@@ -214,8 +216,7 @@ def build_oru(record: ResultRecord, *, control_id: str, now: dt.datetime, header
         _observation(order, n, value_type, concept, value, when, units)
 
     study = codes.DCM.Study  # (113014, DCM, "Study")
-    add("RP", _components(study.value, study.meaning, "DCM"),
-        f"{record.study_instance_uid}^&{escape(header.sending_application)}^Application^DICOM")
+    add("RP", _components(study.value, study.meaning, "DCM"), f"{record.study_instance_uid}^&{DICOM_ROOT}&ISO^Application^DICOM")
     for concept, value in sr.coded_findings(record.findings.labels):
         add("CE", _code(concept), _code(value))
     add("CE", _code(sr.private_code("TRIAGE-PRIORITY")), _code(sr.private_code(sr.PRIORITY_CODES[record.priority])))
