@@ -116,7 +116,7 @@ def wants_webhook(cfg: ExportSection, priority: Priority) -> bool:
 
 
 def wants(dest: Destination, priority: Priority) -> bool:
-    """``priority`` is at or above the destination's ``min_priority``."""
+    """``priority`` is at or above the destination's ``min_priority`` (as :func:`wants_webhook` for the webhook)."""
     return priority_rank(priority) >= priority_rank(dest.min_priority)
 
 

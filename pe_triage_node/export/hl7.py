@@ -12,6 +12,7 @@ and checked with ``hl7apy`` at its strict validation level)::
     NTE  NOT FOR DIAGNOSTIC USE ...
     TQ1  TQ1-9 priority: S (STAT), A (URGENT: ASAP), R (ROUTINE), HL7 table 0485
     OBX  RP  (113014, DCM, "Study"): StudyInstanceUID^&1.2.840.10008&ISO^Application^DICOM
+    OBX  ST  (121073, DCM, "Impression"): "AI PE triage: central PE, RV/LV>=1 - priority STAT"
     OBX  CE  one per finding, the SR's codes (SNOMED CT where one exists, else 99PETRIAGE)
     OBX  CE  the triage priority (99PETRIAGE)
     OBX  NM  one per probability, unit 1 (UCUM)
@@ -45,6 +46,7 @@ from pydicom.sr.codedict import codes
 from pe_triage_node.config import HL7Destination
 from pe_triage_node.export import identity, sr
 from pe_triage_node.export.delivery import Delivery
+from pe_triage_node.export.findings import main_finding
 from pe_triage_node.export.record import ResultRecord
 from pe_triage_node.rules import Priority
 
@@ -217,6 +219,9 @@ def build_oru(record: ResultRecord, *, control_id: str, now: dt.datetime, header
 
     study = codes.DCM.Study  # (113014, DCM, "Study")
     add("RP", _components(study.value, study.meaning, "DCM"), f"{record.study_instance_uid}^&{DICOM_ROOT}&ISO^Application^DICOM")
+    impression = codes.DCM.Impression  # (121073, DCM, "Impression"): the headline, in the findings' wording
+    add("ST", _components(impression.value, impression.meaning, "DCM"),
+        escape(f"AI PE triage: {main_finding(record.findings.labels)} - priority {record.priority.value}"))
     for concept, value in sr.coded_findings(record.findings.labels):
         add("CE", _code(concept), _code(value))
     add("CE", _code(sr.private_code("TRIAGE-PRIORITY")), _code(sr.private_code(sr.PRIORITY_CODES[record.priority])))

@@ -101,6 +101,8 @@ def test_oru_passes_the_independent_parsers_checks_and_carries_the_order() -> No
     assert str(msg.segment("PID")[5]) == "Doe^Jane^Q^III^Dr"  # PN family^given^middle^prefix^suffix -> XPN order
     assert str(msg.segment("OBR")[7]) == "20260101120000.5"
     assert str(msg.segment("OBR")[4]) == "418272005^CT angiography^SCT"
+    impression = next(seg for seg in msg.segments("OBX") if str(seg[3][0][0]) == "121073")
+    assert str(impression[5]) == "AI PE triage: central PE, RV/LV>=1 - priority STAT"  # the findings module's wording
 
 
 @pytest.mark.parametrize(("priority", "code"), [(Priority.STAT, "S"), (Priority.URGENT, "A"), (Priority.ROUTINE, "R")])
