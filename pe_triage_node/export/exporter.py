@@ -78,7 +78,6 @@ from pe_triage_node.rules import Priority, PriorityDecision, priority_rank
 
 log = logging.getLogger(__name__)
 
-PAYLOAD_DICOM = "dicom"
 PAYLOAD_WEBHOOK = "webhook"
 #: Destination kinds whose jobs send the output files; the others are built from the stored result.
 FILE_KINDS = frozenset({"dicom", "dicomweb"})
