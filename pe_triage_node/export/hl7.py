@@ -63,8 +63,6 @@ PRIORITY_CODES: dict[Priority, tuple[str, str]] = {
 RESULT_STATUS = "P"  # preliminary (HL7 tables 0123 and 0085)
 #: RP.2 of the study reference: the application ID as the DICOM UID root (ISO), the pointer a DICOM UID.
 DICOM_ROOT = "1.2.840.10008"
-#: HL7 v2 coding system names (table 0396) of the DICOM ones we use; a "99..." scheme is local as it is.
-_CODING_SYSTEMS = {"SCT": "SCT", "DCM": "DCM", "UCUM": "UCUM", "LN": "LN"}
 
 MLLP_START, MLLP_END = b"\x0b", b"\x1c\x0d"
 MAX_ACK_BYTES = 1 << 20
@@ -74,7 +72,7 @@ MAX_ACK_BYTES = 1 << 20
 
 
 def escape(value: str) -> str:
-    """A value made safe for one HL7 component (PS: HL7 v2.5.1 2.7): delimiters escaped, line breaks to spaces."""
+    """A value made safe for one HL7 component (HL7 v2.5.1 section 2.7): delimiters escaped, control characters to spaces."""
     out = value.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\").replace("&", "\\T\\").replace("~", "\\R\\")
     return re.sub(r"[\r\n\x00-\x1f]", " ", out)
 
@@ -84,9 +82,9 @@ def _components(*values: str) -> str:
 
 
 def _code(concept: hd.sr.CodedConcept) -> str:
-    """A code as CE: identifier^text^coding system."""
-    scheme = _CODING_SYSTEMS.get(concept.scheme_designator, concept.scheme_designator)
-    return _components(concept.value, concept.meaning, scheme)
+    """A code as CE: identifier^text^coding system. The SR's scheme designators (SCT, DCM, UCUM) are HL7
+    table 0396's names too, and a "99..." scheme is a local one there as well."""
+    return _components(concept.value, concept.meaning, concept.scheme_designator)
 
 
 def hl7_time(when: dt.datetime) -> str:
