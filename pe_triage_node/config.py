@@ -15,7 +15,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -192,10 +192,21 @@ class WebSection(_Section):
     worklist_limit: int = Field(500, ge=10, le=10_000)
 
 
-class DestinationSection(_Section):
-    """One PACS (or other Storage SCP) the exporter sends results to (``[[export.destinations]]``)."""
+PriorityName = Literal["STAT", "URGENT", "ROUTINE"]
+
+
+class _Destination(_Section):
+    """What every ``[[export.destinations]]`` entry has: a unique name, its kind, the lowest priority it gets."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    # Results below this priority are not sent here ("ROUTINE": every result).
+    min_priority: PriorityName = "ROUTINE"
+
+
+class DestinationSection(_Destination):
+    """A PACS (or other Storage SCP) that gets the SR, SCs and KOS by C-STORE (``kind = "dicom"``, the default)."""
+
+    kind: Literal["dicom"] = "dicom"
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
@@ -218,11 +229,60 @@ class DestinationSection(_Section):
         return self
 
 
+class _HTTPDestination(_Destination):
+    """A destination reached over HTTP(S): base URL, optional bearer token, CA bundle, timeout."""
+
+    url: str = Field(pattern=r"^https?://[^\s]+$")
+    # Sent as "Authorization: Bearer <token>"; masked in check-config, never logged.
+    bearer_token: SecretStr | None = None
+    # CA bundle that signed the server's certificate (None: the system store).
+    ca_certificates: Path | None = None
+    # Seconds to connect and to wait for the answer.
+    timeout_s: float = Field(30.0, gt=0)
+
+
+class DicomWebDestination(_HTTPDestination):
+    """A DICOMweb archive that gets the SR, SCs and KOS by STOW-RS (``kind = "dicomweb"``; ``url``: the service root)."""
+
+    kind: Literal["dicomweb"]
+
+
+class FHIRDestination(_HTTPDestination):
+    """A FHIR R4 server that gets one transaction Bundle per result (``kind = "fhir"``; ``url``: the base URL)."""
+
+    kind: Literal["fhir"]
+    # System (URI) of the patient identifiers the site's FHIR server uses for the DICOM PatientID (None: no system).
+    patient_identifier_system: str | None = None
+
+
+class HL7Destination(_Destination):
+    """A RIS/EHR interface engine that gets an HL7 v2.5.1 ORU^R01 per result over MLLP (``kind = "hl7"``)."""
+
+    kind: Literal["hl7"]
+    host: str
+    port: int = Field(ge=1, le=65535)
+    # MSH-3/4 (us) and MSH-5/6 (the receiver), as the interface engine expects them.
+    sending_application: str = Field("PETRIAGE", max_length=180)
+    sending_facility: str = Field("", max_length=180)
+    receiving_application: str = Field("", max_length=180)
+    receiving_facility: str = Field("", max_length=180)
+    # MSH-11: "P" production, "T" training, "D" debugging (HL7 table 0103).
+    processing_id: Literal["P", "T", "D"] = "P"
+    # Seconds to connect, and to wait for the ACK after sending.
+    timeout_s: float = Field(30.0, gt=0)
+
+
+#: One ``[[export.destinations]]`` entry, chosen by its ``kind`` (absent: ``"dicom"``).
+Destination = Annotated[
+    DestinationSection | DicomWebDestination | FHIRDestination | HL7Destination, Field(discriminator="kind")
+]
+
+
 class ExportSection(_Section):
-    """Results back to PACS: C-STORE of the SR and SCs, retries, dead-letter, optional webhook."""
+    """Results out: DICOM (C-STORE, STOW-RS), HL7 v2 and FHIR destinations, retries, dead-letter, optional webhook."""
 
     calling_ae_title: str = "PETRIAGE"
-    destinations: list[DestinationSection] = Field(default_factory=list)
+    destinations: list[Destination] = Field(default_factory=list)
     max_attempts: int = Field(8, ge=1)
     backoff_base_s: float = Field(5.0, gt=0)
     backoff_cap_s: float = Field(600.0, gt=0)
@@ -234,13 +294,21 @@ class ExportSection(_Section):
     outputs_dir: Path = Path("outputs")
     uid_prefix: str = Field("1.2.826.0.1.3680043.10.1453.1.", pattern=r"^([1-9][0-9]*|0)(\.([1-9][0-9]*|0))*\.$", max_length=40)
     webhook_url: str | None = Field(None, pattern=r"^https?://")
-    webhook_min_priority: Literal["STAT", "URGENT", "ROUTINE"] = "URGENT"
+    webhook_min_priority: PriorityName = "URGENT"
     webhook_timeout_s: float = Field(5.0, gt=0)
 
     @field_validator("calling_ae_title")
     @classmethod
     def _check_calling_ae(cls, v: str) -> str:
         return _check_ae(v)
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _dicom_by_default(cls, v: Any) -> Any:
+        """A destination without ``kind`` is a DICOM one (configurations written before there were others)."""
+        if isinstance(v, list):
+            return [{"kind": "dicom", **d} if isinstance(d, dict) and "kind" not in d else d for d in v]
+        return v
 
     @model_validator(mode="after")
     def _unique_names(self) -> ExportSection:
@@ -372,7 +440,7 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
         value = err.get("input")
-        shown = "****" if "url" in key or "password" in key else repr(value)
+        shown = "****" if any(word in key for word in ("url", "password", "token")) else repr(value)
         lines.append(f"  {key} = {shown}: {err['msg']}")
     return "\n".join(lines)
 

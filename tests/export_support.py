@@ -102,6 +102,21 @@ def positive(result: StudyResult) -> StudyResult:
     return dataclasses.replace(result, labels=labels)
 
 
+def minimal_result() -> StudyResult:
+    """A positive StudyResult built directly (no engine, no series, no Grad-CAM): acute central and right PE,
+    RV/LV >= 1, probability 0.7 for each positive label and 0.1 for the others; what the exporter reads."""
+    labels = {k: False for k in STUDY_LABELS}
+    labels.update({WINDOW_LABEL: True, "central_pe": True, "rightsided_pe": True, "rv_lv_ratio_gte_1": True})
+    return StudyResult(
+        model_name="test-model", model_version="1.0", intended_use="tests", meaningless=True,
+        series_instance_uid=SERIES_UID, study_instance_uid=IDENTITY.study_instance_uid,
+        probabilities={k: 0.7 if labels[k] else 0.1 for k in STUDY_LABELS}, window_probabilities=[0.2, 0.9],
+        phase1_window_probabilities=[0.2, 0.9], labels=labels, window_labels=[False, True], consistency={"chosen": "positive"},
+        thresholds={k: 0.5 for k in labels}, attention={k: [0.5, 0.5] for k in STUDY_LABELS}, gradcam=[], windows=[],
+        lung_crop_method="threshold", crop={}, geometry={}, device="cpu", precision="fp32", timings_s={},
+    )
+
+
 def negative(result: StudyResult) -> StudyResult:
     """``result`` with a consistent negative label set and no Grad-CAM maps."""
     labels = {k: False for k in STUDY_LABELS}

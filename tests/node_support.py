@@ -68,6 +68,8 @@ def write_node_config(
         "receiver": {"host": "127.0.0.1", "port": receiver_port, "min_free_mb": 0},
         "database": {"url": database_url},
         "assembly": {"quiet_period_s": 5.0, "check_interval_s": 0.5},
+        # the small phantoms (tests' CTPAs) have slices of up to 5 mm; the default refuses thicker than 3 mm
+        "selection": {"max_slice_thickness_mm": 6.0},
         "inference": {"device": "cpu", "weights_manifest": manifest, "lung_crop": "threshold", "batch_size": 4},
         "queue": {"poll_interval_s": 0.2, "lease_s": 30.0, "heartbeat_s": 2.0},
         "export": {"poll_interval_s": 0.2, "backoff_base_s": 0.5, "backoff_cap_s": 2.0},
@@ -98,6 +100,16 @@ def tiny_series(out_dir: Path, study_uid: str, series_uid: str, *, slices: int =
         export_support.chest_volume(nz=slices), out_dir, pixel_spacing=(1.5, 1.5), slice_spacing=2.0,
         study=ident, series_instance_uid=series_uid, name_files_by_uid=True, extra=export_support.CONTRAST,
     )
+
+
+def phantom_ctpa(tmp: Path, seed: int, category: str, *, slices: int = 40) -> Path:
+    """A small phantom CTPA study (``category`` "positive": an acute embolus; "negative"); returns its series folder."""
+    from pe_triage_node.synth.phantom import render_phantom, sample_spec
+    from pe_triage_node.synth.rspect import write_phantom_study
+
+    spec = sample_spec(seed, size="small", slices=slices, category=category,  # type: ignore[arg-type]
+                       pe_type="acute" if category == "positive" else None)
+    return write_phantom_study(render_phantom(spec), tmp, split="acceptance").series_dir
 
 
 def seed_selected_series(

@@ -148,8 +148,14 @@ def start_storescp(port: int, out_dir: Path, *, aet: str = "PACS") -> subprocess
     return proc
 
 
-def start_orthanc(tmp: Path, dicom_port: int, http_port: int, *, aet: str = "PACS") -> subprocess.Popen[bytes]:
-    """Orthanc with its own JSON configuration under ``tmp`` (loopback only)."""
+ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian's orthanc-dicomweb
+
+
+def start_orthanc(
+    tmp: Path, dicom_port: int, http_port: int, *, aet: str = "PACS", dicomweb: bool = False
+) -> subprocess.Popen[bytes]:
+    """Orthanc with its own JSON configuration under ``tmp`` (loopback only); ``dicomweb``: with its
+    DICOMweb plugin, QIDO-RS / WADO-RS / STOW-RS under ``http://127.0.0.1:<http_port>/dicom-web/``."""
     tmp.mkdir(parents=True, exist_ok=True)
     cfg = {
         "Name": "TestPACS",
@@ -165,6 +171,10 @@ def start_orthanc(tmp: Path, dicom_port: int, http_port: int, *, aet: str = "PAC
         "DicomAlwaysAllowStore": True,
         "DicomModalities": {},
     }
+    if dicomweb:
+        if not ORTHANC_DICOMWEB_PLUGIN.is_file():
+            raise RuntimeError(f"{ORTHANC_DICOMWEB_PLUGIN} missing: apt-get install orthanc-dicomweb")
+        cfg.update({"Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}})
     path = tmp / "orthanc.json"
     path.write_text(json.dumps(cfg))
     proc = subprocess.Popen(

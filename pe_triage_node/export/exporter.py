@@ -1,30 +1,47 @@
-"""The exporter: export jobs from the SQL queue, C-STORE to each destination, retries, dead-letter, webhook.
+"""The exporter: export jobs from the SQL queue, one per destination; retries, dead-letter, webhook.
+
+Every place a result goes is a destination (``[[export.destinations]]``, chosen
+by ``kind``) with one small interface: build the payload from what the node
+stored, send it, map the peer's answer to a :class:`~.delivery.Delivery`
+(delivered / retry / dead):
+
+========== ============================ ========================================= =====================
+kind       payload of the job           built from                                sent by
+========== ============================ ========================================= =====================
+dicom      the SR, SC and KOS files     the files the worker wrote                C-STORE (:mod:`.sender`)
+dicomweb   the SR, SC and KOS files     the files the worker wrote                STOW-RS (:mod:`.dicomweb`)
+hl7        the ``results`` row id       the row + its ``studies`` row (ORU^R01)   MLLP (:mod:`.hl7`)
+fhir       the ``results`` row id       the row + its ``studies`` row (Bundle)    HTTP POST (:mod:`.fhir`)
+========== ============================ ========================================= =====================
 
 Producer side (the worker, inside its own transaction, after ``write_outputs``)::
 
     with Session(engine) as s, s.begin():
-        job_ids = enqueue_exports(s, cfg.export, paths, result=result, decision=decision)
+        job_ids = enqueue_exports(s, cfg.export, paths, result=result, decision=decision, result_id=row.id)
 
-One ``export`` job per configured destination (payload: ``{"type": "dicom",
-"destination": NAME, "files": [...]}``), plus one ``{"type": "webhook"}`` job
-when a webhook is configured and the priority is at or above
-``export.webhook_min_priority``. Dedupe keys name the destination and the
-output set (the derived SOP Instance UIDs), so enqueueing the same outputs
-again while a job is active does not duplicate it. No new tables: everything
-lives in ``jobs`` and ``job_events``.
+One ``export`` job per destination whose ``min_priority`` the result reaches
+(payload ``{"type": KIND, "destination": NAME, "files": [...]}`` or ``{..., "result_id": N}``;
+a DICOM job names its files, so a subset, e.g. the SR alone, can be queued as a job of its own),
+plus one ``{"type": "webhook"}`` job when a webhook is configured and the priority is at or above
+``export.webhook_min_priority``. Dedupe keys name the destination and the output set (the derived
+SOP Instance UIDs) or the result, so enqueueing the same outputs again while a job is active does not
+duplicate it. HL7 and FHIR payloads are built when the job runs, never stored in the queue: they carry
+patient data. No new tables: everything lives in ``jobs`` and ``job_events``.
 
 Consumer side: :class:`Exporter` claims export jobs one at a time, heartbeats
-while sending, completes on delivery (warning statuses 0xB000/0xB006/0xB007
-count as delivered), otherwise records the failure with an exponential backoff
-(``backoff_delay``) until ``max_attempts`` and then dead-letters the job with
-its last error. :meth:`Exporter.run_forever` runs jobs one after the other and
-polls every ``export.poll_interval_s`` while none is due.
+while sending, completes on delivery, otherwise records the failure with an
+exponential backoff (``backoff_delay``) until ``max_attempts`` and then
+dead-letters the job with its last error; an answer that retrying cannot change
+(an HL7 AR, an HTTP 4xx, an unknown destination) dead-letters it at once.
+:meth:`Exporter.run_forever` runs jobs one after the other and polls every
+``export.poll_interval_s`` while none is due.
 
 Logs and webhook bodies never carry patient names or IDs.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -35,14 +52,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from pe_triage_node.config import ExportSection, NodeConfig
-from pe_triage_node.db.models import JobKind
+from pe_triage_node.config import Destination, ExportSection, NodeConfig
+from pe_triage_node.db.models import JobKind, Study, TriageResult
 from pe_triage_node.export import identity
+from pe_triage_node.export.delivery import Delivery, Outcome
 from pe_triage_node.export.findings import main_finding, positive_findings
-from pe_triage_node.export.sender import SendReport, send_files
+from pe_triage_node.export.record import ResultRecord
 from pe_triage_node.inference.result import StudyResult
 from pe_triage_node.queue import (
     ClaimedJob,
@@ -60,8 +78,9 @@ from pe_triage_node.rules import Priority, PriorityDecision, priority_rank
 
 log = logging.getLogger(__name__)
 
-PAYLOAD_DICOM = "dicom"
 PAYLOAD_WEBHOOK = "webhook"
+#: Destination kinds whose jobs send the output files; the others are built from the stored result.
+FILE_KINDS = frozenset({"dicom", "dicomweb"})
 
 
 # -- producing ----------------------------------------------------------------
@@ -95,6 +114,24 @@ def wants_webhook(cfg: ExportSection, priority: Priority) -> bool:
     return cfg.webhook_url is not None and priority_rank(priority) >= priority_rank(cfg.webhook_min_priority)
 
 
+def wants(dest: Destination, priority: Priority) -> bool:
+    """``priority`` is at or above the destination's ``min_priority`` (as :func:`wants_webhook` for the webhook)."""
+    return priority_rank(priority) >= priority_rank(dest.min_priority)
+
+
+def destination_job(dest: Destination, files: list[str], key: str, result_id: int | None,
+                    model_version: str) -> tuple[dict[str, Any], str] | None:
+    """The payload and dedupe key of ``dest``'s job, or ``None`` when there is nothing for it to send."""
+    if dest.kind in FILE_KINDS:
+        if not files:
+            return None
+        return {"type": dest.kind, "destination": dest.name, "files": files, "model_version": model_version}, \
+            f"export:{dest.name}:{key}"
+    if result_id is None:
+        return None
+    return {"type": dest.kind, "destination": dest.name, "result_id": int(result_id)}, f"export:{dest.name}:result-{result_id}"
+
+
 def enqueue_exports(
     session: Session,
     cfg: ExportSection,
@@ -102,11 +139,14 @@ def enqueue_exports(
     *,
     result: StudyResult,
     decision: PriorityDecision,
+    result_id: int | None = None,
 ) -> list[int]:
-    """Queue one export job per destination (and the webhook when due) inside the caller's transaction.
+    """Queue one export job per destination due (and the webhook when due) inside the caller's transaction.
 
-    Returns the job ids (an already active job with the same dedupe key is
-    returned instead of a new one). No destinations and no webhook: ``[]``.
+    ``result_id``: the stored ``results`` row, which HL7 and FHIR jobs are built
+    from (without it they are not queued). Returns the job ids (an already
+    active job with the same dedupe key is returned instead of a new one).
+    Nothing due: ``[]``.
     """
     files = [str(Path(p).resolve()) for p in paths]
     key = output_set_key(paths)
@@ -117,16 +157,18 @@ def enqueue_exports(
         "max_attempts": cfg.max_attempts,
     }
     ids = []
-    if files:
-        for dest in cfg.destinations:
-            job = enqueue(
-                session,
-                JobKind.export,
-                payload={"type": PAYLOAD_DICOM, "destination": dest.name, "files": files, "model_version": result.model_version},
-                dedupe_key=f"export:{dest.name}:{key}",
-                **common,  # type: ignore[arg-type]
-            )
-            ids.append(job.id)
+    for dest in cfg.destinations:
+        if not wants(dest, decision.priority):
+            continue
+        planned = destination_job(dest, files, key, result_id, result.model_version)
+        if planned is None:
+            if dest.kind not in FILE_KINDS:
+                log.warning("no %s export to %s for series=%s: the result is not stored", dest.kind, dest.name,
+                            result.series_instance_uid)
+            continue
+        payload, dedupe_key = planned
+        job = enqueue(session, JobKind.export, payload=payload, dedupe_key=dedupe_key, **common)  # type: ignore[arg-type]
+        ids.append(job.id)
     if wants_webhook(cfg, decision.priority):
         job = enqueue(
             session,
@@ -157,14 +199,22 @@ def post_webhook(url: str, body: dict[str, Any], *, timeout_s: float) -> int:
     return status
 
 
+def _files(job: ClaimedJob) -> list[Path]:
+    files = [Path(p) for p in job.payload.get("files", [])]
+    missing = [p.name for p in files if not p.is_file()]
+    if missing or not files:
+        raise PermanentExportError(f"output files missing: {', '.join(missing[:5]) or 'none listed'}")
+    return files
+
+
 class Exporter:
-    """Claims and runs export jobs (C-STORE per destination, webhook POSTs) for one node configuration."""
+    """Claims and runs export jobs (one per destination, webhook POSTs) for one node configuration."""
 
     def __init__(self, engine: Engine, cfg: NodeConfig, *, worker_id: str | None = None) -> None:
         self.engine = engine
         self.cfg = cfg
         self.worker_id = worker_id or worker_identity("exporter")
-        self._destinations = {d.name: d for d in cfg.export.destinations}
+        self._destinations: dict[str, Destination] = {d.name: d for d in cfg.export.destinations}
 
     # one job
     def process_one(self) -> bool:
@@ -176,48 +226,78 @@ class Exporter:
         every = renewal_period(self.cfg.queue.heartbeat_s, ex.lease_s, floor_s=0.5)
         try:
             with LeaseKeeper(self.engine, job.id, self.worker_id, every):
-                detail = self._run(job)
+                delivery = self._run(job)
         except PermanentExportError as exc:
-            fail(self.engine, job.id, self.worker_id, str(exc), retry=False)
-            return True
+            delivery = Delivery.dead(str(exc))
         except Exception as exc:  # noqa: BLE001 - any failure becomes the job's last_error
+            delivery = Delivery.retry(f"{type(exc).__name__}: {exc}")
+        if delivery.outcome is Outcome.delivered:
+            complete(self.engine, job.id, self.worker_id, delivery.detail)
+        elif delivery.outcome is Outcome.dead:
+            fail(self.engine, job.id, self.worker_id, delivery.detail, retry=False)
+        else:
             delay = backoff_delay(job.attempts, ex.backoff_base_s, ex.backoff_cap_s)
-            fail(self.engine, job.id, self.worker_id, f"{type(exc).__name__}: {exc}", retry_delay_s=delay)
-            return True
-        complete(self.engine, job.id, self.worker_id, detail)
+            fail(self.engine, job.id, self.worker_id, delivery.detail, retry_delay_s=delay)
         return True
 
-    def _run(self, job: ClaimedJob) -> str:
+    def _run(self, job: ClaimedJob) -> Delivery:
         kind = job.payload.get("type")
-        if kind == PAYLOAD_DICOM:
-            return self._send(job)
         if kind == PAYLOAD_WEBHOOK:
             url = self.cfg.export.webhook_url
             if url is None:
                 raise PermanentExportError("webhook job but export.webhook_url is not set")
             status = post_webhook(url, job.payload.get("body", {}), timeout_s=self.cfg.export.webhook_timeout_s)
             log.info("job %d webhook delivered (HTTP %d) series=%s", job.id, status, job.series_instance_uid)
-            return f"webhook HTTP {status}"
-        raise PermanentExportError(f"unknown export payload type {kind!r}")
-
-    def _send(self, job: ClaimedJob) -> str:
+            return Delivery.delivered(f"webhook HTTP {status}")
         name = job.payload.get("destination")
         dest = self._destinations.get(str(name))
         if dest is None:
             raise PermanentExportError(f"destination {name!r} is not configured (export.destinations)")
-        files = [Path(p) for p in job.payload.get("files", [])]
-        missing = [p.name for p in files if not p.is_file()]
-        if missing or not files:
-            raise PermanentExportError(f"output files missing: {', '.join(missing[:5]) or 'none listed'}")
+        if dest.kind != kind:
+            raise PermanentExportError(f"destination {dest.name!r} is of kind {dest.kind!r} now; the job was for {kind!r}")
+        delivery = self._deliver(job, dest)
+        if delivery.outcome is Outcome.delivered:
+            log.info("job %d delivered to %s (%s) series=%s", job.id, dest.name, dest.kind, job.series_instance_uid)
+        return delivery
+
+    def _deliver(self, job: ClaimedJob, dest: Destination) -> Delivery:
+        """Build ``dest``'s payload for ``job`` and send it (senders import here: each kind's library only when used)."""
         ex = self.cfg.export
-        report: SendReport = send_files(
-            dest, files, calling_ae_title=ex.calling_ae_title,
-            acse_timeout_s=ex.acse_timeout_s, dimse_timeout_s=ex.dimse_timeout_s, network_timeout_s=ex.network_timeout_s,
-        )
-        if not report.ok:
-            raise OSError(report.summary())
-        log.info("job %d delivered to %s series=%s objects=%d", job.id, dest.name, job.series_instance_uid, len(report.delivered))
-        return report.summary()
+        if dest.kind == "dicom":
+            from pe_triage_node.export.sender import send_files
+
+            report = send_files(
+                dest, _files(job), calling_ae_title=ex.calling_ae_title,
+                acse_timeout_s=ex.acse_timeout_s, dimse_timeout_s=ex.dimse_timeout_s, network_timeout_s=ex.network_timeout_s,
+            )
+            return Delivery(Outcome.delivered if report.ok else Outcome.retry, report.summary())
+        if dest.kind == "dicomweb":
+            from pe_triage_node.export.dicomweb import stow
+
+            return stow(dest, _files(job))
+        record = self._record(job)
+        if dest.kind == "hl7":
+            from pe_triage_node.export.hl7 import MessageHeader, build_oru, send_oru
+
+            control_id = f"PT{job.id}"
+            message = build_oru(record, control_id=control_id, now=dt.datetime.now(dt.UTC), header=MessageHeader.of(dest))
+            return send_oru(dest, message, control_id)
+        from pe_triage_node.export.fhir import build_bundle, bundle_json, post_bundle
+
+        bundle = build_bundle(record, uid_prefix=ex.uid_prefix, patient_identifier_system=dest.patient_identifier_system)
+        return post_bundle(dest, bundle_json(bundle))
+
+    def _record(self, job: ClaimedJob) -> ResultRecord:
+        """The stored result the job names, with its study's patient and order (HL7 and FHIR jobs)."""
+        result_id = job.payload.get("result_id")
+        if not isinstance(result_id, int):
+            raise PermanentExportError("the job names no stored result (result_id)")
+        with Session(self.engine) as s:
+            row = s.get(TriageResult, result_id)
+            if row is None:
+                raise PermanentExportError(f"result {result_id} is no longer stored")
+            study = s.scalars(select(Study).where(Study.study_instance_uid == row.study_instance_uid)).one_or_none()
+            return ResultRecord.from_row(row, study)
 
     # the loop
     def run_forever(self, stop_event: threading.Event, *, on_start: Callable[[], None] | None = None) -> None:

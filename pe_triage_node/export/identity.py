@@ -1,7 +1,7 @@
 """Who made an output and what it is called: deterministic UIDs, algorithm identity, the disclaimer.
 
 Every object the node sends back to PACS (the TID 1500 SR, the Grad-CAM and
-summary Secondary Captures) gets Series and SOP Instance UIDs *derived* from
+summary Secondary Captures, the Key Object Selection) gets Series and SOP Instance UIDs *derived* from
 the analysed source series, its generation, the model version and the
 object's kind (and index), never random ones: a re-run of the same model on
 the same series generation (a retry, a worker that died) produces the same
@@ -42,6 +42,12 @@ DISCLAIMER_TEXT = (
 )
 MEANINGLESS_TEXT = "RANDOM WEIGHTS: THE FINDINGS ARE MEANINGLESS (test output)"
 
+
+def disclaimer(meaningless: bool) -> str:
+    """The not-for-diagnostic-use statement, led by the random-weights warning for a meaningless result."""
+    return f"{MEANINGLESS_TEXT}. {DISCLAIMER_TEXT}" if meaningless else DISCLAIMER_TEXT
+
+
 MANUFACTURER = "pe-triage-node"
 SOFTWARE_VERSION = __version__
 DEVICE_NAME = "PE triage"
@@ -49,6 +55,7 @@ DEVICE_NAME = "PE triage"
 #: Series numbers of the node's outputs (high, so they sort after the scanner's).
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
+KOS_SERIES_NUMBER = 9903
 
 # Object kinds, part of each derived UID; never rename (that would change every UID).
 KIND_SR_SERIES = "sr-series"
@@ -57,6 +64,8 @@ KIND_SC_SERIES = "sc-series"
 KIND_SC_SUMMARY = "sc-summary"
 KIND_SC_GRADCAM = "sc-gradcam"
 KIND_TRACKING = "tracking"
+KIND_KOS_SERIES = "kos-series"
+KIND_KOS = "kos"
 
 
 def derived_uid(
@@ -120,6 +129,15 @@ class OutputUIDs:
     def sc_gradcam(self, index: int) -> str:
         """SOP Instance UID of the ``index``-th Grad-CAM overlay (in the result's order)."""
         return self._uid(KIND_SC_GRADCAM, index)
+
+    @property
+    def kos_series(self) -> str:
+        return self._uid(KIND_KOS_SERIES)
+
+    @property
+    def kos_instance(self) -> str:
+        """SOP Instance UID of the Key Object Selection (the key images)."""
+        return self._uid(KIND_KOS)
 
 
 def algorithm_parameters(thresholds: dict[str, float]) -> list[str]:

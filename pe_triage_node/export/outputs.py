@@ -1,4 +1,4 @@
-"""Everything the node sends back for one analysed series: the SR and the Secondary Captures.
+"""Everything the node sends back for one analysed series: the SR, the Secondary Captures, the key images (KOS).
 
 ``render_outputs`` builds them in memory from the result and the loaded
 volume (its headers, as :func:`~.source.source_header` copies them, and its
@@ -20,6 +20,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from pe_triage_node.export import identity
+from pe_triage_node.export.kos import build_kos, key_slices
 from pe_triage_node.export.sc import build_gradcam_sc, build_summary_sc
 from pe_triage_node.export.source import library_warnings_logged, slice_reference, source_header
 from pe_triage_node.export.sr import build_sr
@@ -56,7 +57,7 @@ def render_outputs(
     generation: int = 0,
     previous: identity.OutputUIDs | None = None,
 ) -> list[Dataset]:
-    """The SR (first), the summary SC and one Grad-CAM SC per map, for one result.
+    """The SR (first), the summary SC, one Grad-CAM SC per map and, when there are maps, the KOS (last).
 
     ``volume``: the analysed series, loaded with ``keep_datasets=True`` (its
     headers); the SCs take each slice's HU from it. ``generation``: the series
@@ -79,13 +80,16 @@ def render_outputs(
                 log.warning("grad-cam %d: source slice not in the series given, skipped series=%s", index, result.series_instance_uid)
                 continue
             out.append(build_gradcam_sc(result, decision, gc, index, src, uids, volume.slice_hu))
+        slices = key_slices(result, by_sop)
+        if slices:
+            out.append(build_kos(result, decision, slices, uids))
     log.info("rendered %d output objects series=%s priority=%s", len(out), result.series_instance_uid, decision.priority.value)
     return out
 
 
 def output_filename(ds: Dataset) -> str:
-    """``SR_<SOPInstanceUID>.dcm`` / ``SC_<SOPInstanceUID>.dcm`` (the UID is ours: digits and dots)."""
-    kind = "SR" if ds.Modality == "SR" else "SC"
+    """``SR_<UID>.dcm`` / ``KO_<UID>.dcm`` / ``SC_<UID>.dcm`` (the SOP Instance UID is ours: digits and dots)."""
+    kind = ds.Modality if ds.Modality in ("SR", "KO") else "SC"
     return f"{kind}_{ds.SOPInstanceUID}.dcm"
 
 
@@ -111,7 +115,7 @@ def write_pngs(datasets: list[Dataset], out_dir: Path) -> list[Path]:
     from PIL import Image
 
     paths = []
-    scs = [ds for ds in datasets if ds.Modality != "SR" and "PixelData" in ds]
+    scs = [ds for ds in datasets if "PixelData" in ds]
     for i, ds in enumerate(scs):
         arr = ds.pixel_array
         name = SUMMARY_PNG if i == 0 else GRADCAM_PNG.format(n=i)

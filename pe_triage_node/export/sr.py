@@ -31,7 +31,7 @@ meaning.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -39,7 +39,14 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian
 
 from pe_triage_node.export import identity
-from pe_triage_node.export.findings import chronicity, is_positive, label_probability, label_text, series_description
+from pe_triage_node.export.findings import (
+    ResultFindings,
+    chronicity,
+    is_positive,
+    label_probability,
+    label_text,
+    series_description,
+)
 from pe_triage_node.inference.labels import STUDY_LABELS, WINDOW_LABEL
 from pe_triage_node.inference.result import StudyResult
 from pe_triage_node.rules import Priority, PriorityDecision
@@ -126,34 +133,49 @@ def _present(flag: bool) -> hd.sr.CodedConcept:
     return PRESENT if flag else ABSENT
 
 
-def _qualitative(result: StudyResult) -> list[hd.sr.QualitativeEvaluation]:
-    """The consistent findings as CODE items (the labels, never the raw probabilities)."""
-    labels = result.labels
+#: A finding as codes: (concept name, value), e.g. (Pulmonary embolism, Present).
+CodedFinding = tuple[hd.sr.CodedConcept, hd.sr.CodedConcept]
+
+
+def coded_findings(labels: Mapping[str, bool]) -> list[CodedFinding]:
+    """The consistent findings as codes (the labels, never the raw probabilities): PE present, absent or
+    indeterminate, the study quality and, for a positive study, central / right / left, chronicity, RV/LV.
+
+    The one coding of the findings: the SR, the HL7 ORU and the FHIR Bundle all carry these.
+    """
     positive = is_positive(labels)
     pe_value = PRESENT if positive else (INDETERMINATE if labels.get("indeterminate") else ABSENT)
-    items = [hd.sr.QualitativeEvaluation(PULMONARY_EMBOLISM, pe_value)]
+    items = [(PULMONARY_EMBOLISM, pe_value)]
     quality = INDETERMINATE if labels.get("indeterminate") else private_code("ADEQUATE")
-    items.append(hd.sr.QualitativeEvaluation(private_code("STUDY-QUALITY"), quality))
+    items.append((private_code("STUDY-QUALITY"), quality))
     if positive:
         for label, code in (("central_pe", "CENTRAL-PE"), ("rightsided_pe", "RIGHT-PE"), ("leftsided_pe", "LEFT-PE")):
-            items.append(hd.sr.QualitativeEvaluation(private_code(code), _present(bool(labels.get(label)))))
+            items.append((private_code(code), _present(bool(labels.get(label)))))
         kind = chronicity(labels)
         value = {"chronic": CHRONIC, "acute-on-chronic": private_code("ACUTE-ON-CHRONIC")}.get(kind or "", private_code("ACUTE"))
-        items.append(hd.sr.QualitativeEvaluation(private_code("PE-CHRONICITY"), value))
+        items.append((private_code("PE-CHRONICITY"), value))
         rvlv = "RVLV-GTE-1" if labels.get("rv_lv_ratio_gte_1") else "RVLV-LT-1"
-        items.append(hd.sr.QualitativeEvaluation(private_code("RVLV-RATIO"), private_code(rvlv)))
+        items.append((private_code("RVLV-RATIO"), private_code(rvlv)))
     return items
+
+
+def coded_probabilities(result: StudyResult | ResultFindings) -> list[tuple[str, hd.sr.CodedConcept, float]]:
+    """(label, concept, probability) of each label that has one, in reading order (unit: UCUM "1")."""
+    out = []
+    for label in (WINDOW_LABEL, *STUDY_LABELS):
+        p = label_probability(result, label)
+        if p is not None:
+            out.append((label, private_code(PROBABILITY_CODES[label]), float(p)))
+    return out
+
+
+def _qualitative(result: StudyResult) -> list[hd.sr.QualitativeEvaluation]:
+    return [hd.sr.QualitativeEvaluation(name, value) for name, value in coded_findings(result.labels)]
 
 
 def _measurements(result: StudyResult) -> list[hd.sr.Measurement]:
     """Each label's probability as a NUM item, unit "1" (UCUM, no units)."""
-    out = []
-    for label in (WINDOW_LABEL, *STUDY_LABELS):
-        p = label_probability(result, label)
-        if p is None:
-            continue
-        out.append(hd.sr.Measurement(name=private_code(PROBABILITY_CODES[label]), value=round(float(p), 6), unit=NO_UNITS))
-    return out
+    return [hd.sr.Measurement(name=name, value=round(p, 6), unit=NO_UNITS) for _, name, p in coded_probabilities(result)]
 
 
 def algorithm_identification(result: StudyResult) -> hd.sr.AlgorithmIdentification:
@@ -166,7 +188,7 @@ def algorithm_identification(result: StudyResult) -> hd.sr.AlgorithmIdentificati
     )
 
 
-def _device_observer(result: StudyResult, prefix: str) -> hd.sr.ObserverContext:
+def device_observer(result: StudyResult, prefix: str) -> hd.sr.ObserverContext:
     """TID 1002/1004: the algorithm as the observer; serial number = model version."""
     return hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
@@ -195,12 +217,10 @@ def _study_evaluations(result: StudyResult, decision: PriorityDecision) -> hd.sr
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         ),
     ]
-    disclaimer = identity.DISCLAIMER_TEXT
-    if result.meaningless:
-        disclaimer = f"{identity.MEANINGLESS_TEXT}. {disclaimer}"
-    items.append(
-        hd.sr.TextContentItem(name=private_code("DISCLAIMER"), value=disclaimer, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-    )
+    items.append(hd.sr.TextContentItem(
+        name=private_code("DISCLAIMER"), value=identity.disclaimer(result.meaningless),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    ))
     container.ContentSequence = hd.sr.ContentSequence(items)
     return container
 
@@ -218,7 +238,7 @@ def build_measurement_report(
         qualitative_evaluations=_qualitative(result),
     )
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=_device_observer(result, uids.prefix)),
+        observation_context=hd.sr.ObservationContext(observer_device_context=device_observer(result, uids.prefix)),
         procedure_reported=CT_ANGIOGRAPHY,
         imaging_measurements=[group],
     )

@@ -47,10 +47,14 @@ def _infer(args: argparse.Namespace) -> int:
         args.json.write_text(result.to_json(maps=args.maps, indent=1), encoding="utf-8")
         print(f"result written to {args.json}")
     if volume is not None:
+        from pe_triage_node.export.messages import write_messages
         from pe_triage_node.export.outputs import standalone_triage, write_outputs
+        from pe_triage_node.export.record import ResultRecord
 
         decision = standalone_triage(result, volume, args.rules).decision
         paths = write_outputs(result, volume, decision, args.outputs, uid_prefix=cfg.export.uid_prefix, pngs=True)
+        record = ResultRecord.from_analysis(result, decision, volume.datasets[0])
+        paths += write_messages(record, args.outputs, uid_prefix=cfg.export.uid_prefix)
         print(f"priority {decision.priority.value}: {decision.explanation}")
         for path in paths:
             print(f"wrote {path}")
@@ -62,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = subparsers.add_parser("infer", help="analyse one CT series folder and print the findings (NOT FOR DIAGNOSTIC USE)")
     p.add_argument("dicom_dir", metavar="DICOM_DIR", type=Path, help="folder holding the DICOM files of one CT series")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the full result as JSON")
-    p.add_argument("--outputs", type=Path, default=None, metavar="OUT_DIR", help="also write the SR and SCs the node would send (DICOM), for inspection without a PACS")
+    p.add_argument("--outputs", type=Path, default=None, metavar="OUT_DIR", help="also write what the node would send, for inspection before connecting anything: the SR, SCs and KOS (DICOM), the HL7 ORU^R01 (OUT_DIR/hl7/) and the FHIR Bundle (OUT_DIR/fhir/)")
     p.add_argument("--rules", type=Path, default=None, metavar="RULES_TOML", help="with --outputs: the priority rules to decide with (default: config/rules.toml, else the packaged defaults)")
     p.add_argument("--maps", choices=("summary", "full", "none"), default="summary", help="Grad-CAM maps in the JSON (default: summary)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="override inference.device")

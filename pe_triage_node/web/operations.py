@@ -10,22 +10,34 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, func, or_, select, text
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pe_triage_node.config import NodeConfig
-from pe_triage_node.db.models import Association, Instance, JobKind, JobState, Rejection, Series, Study, TriageResult
+from pe_triage_node.config import Destination, NodeConfig
+from pe_triage_node.db.models import Association, Instance, Job, JobKind, JobState, Rejection, Series, Study, TriageResult
 from pe_triage_node.db.session import read_only
 from pe_triage_node.queue import JobView, list_jobs, queue_counts
 from pe_triage_node.web import auth
 from pe_triage_node.web.handlers import current_user, db_engine, node_config, render, signed_in
 from pe_triage_node.web.text import format_duration, json_value
+
+
+@dataclass
+class DestinationRow:
+    """One configured export destination and its export jobs by state (succeeded: the last 24 hours)."""
+
+    name: str
+    kind: str
+    target: str
+    min_priority: str
+    counts: dict[str, int]
 
 
 @dataclass
@@ -42,6 +54,7 @@ class OpsPage:
     model_version: str | None
     model_name: str | None
     device: str | None
+    destinations: list[DestinationRow]
 
 
 def disk_usage(path: Path) -> tuple[int, int] | None:
@@ -78,6 +91,35 @@ def read_manifest_cheaply(cfg: NodeConfig) -> tuple[dict[str, Any] | None, str]:
     return data, ""
 
 
+def destination_target(dest: Destination) -> str:
+    """Where a destination is, without credentials: ``AE@host:port``, ``MLLP host:port`` or the URL's scheme, host and path."""
+    if dest.kind == "dicom":
+        return f"{dest.ae_title}@{dest.host}:{dest.port}" + (" (TLS)" if dest.tls else "")
+    if dest.kind == "hl7":
+        return f"MLLP {dest.host}:{dest.port}"
+    url = urlsplit(dest.url)
+    return f"{url.scheme}://{url.hostname or ''}{f':{url.port}' if url.port else ''}{url.path}"
+
+
+def destination_rows(session: Session, cfg: NodeConfig, now: dt.datetime) -> list[DestinationRow]:
+    """The configured destinations with their export jobs: every unfinished or dead one, the succeeded of the last day."""
+    since = now - dt.timedelta(days=1)
+    counts: dict[str, dict[str, int]] = {d.name: dict.fromkeys(("queued", "running", "dead", "succeeded"), 0)
+                                         for d in cfg.export.destinations}
+    rows = session.execute(
+        select(Job.payload, Job.state).where(
+            Job.kind == JobKind.export,
+            or_(Job.state.in_([JobState.queued, JobState.running, JobState.dead]), Job.finished_at >= since),
+        )
+    )
+    for payload, state in rows:
+        name = json_value(payload, {}).get("destination")
+        if isinstance(name, str) and name in counts and state.value in counts[name]:
+            counts[name][state.value] += 1
+    return [DestinationRow(d.name, d.kind, destination_target(d), d.min_priority, counts[d.name])
+            for d in cfg.export.destinations]
+
+
 def load_ops_page(session: Session, cfg: NodeConfig) -> OpsPage:
     now = dt.datetime.now(dt.timezone.utc)
     oldest: dict[JobKind, str] = {}
@@ -103,6 +145,7 @@ def load_ops_page(session: Session, cfg: NodeConfig) -> OpsPage:
         model_version=(manifest or {}).get("model_version") or (latest.model_version if latest else None),
         model_name=(manifest or {}).get("model_name") or latest_data.get("model_name"),
         device=latest_data.get("device") or cfg.inference.device,
+        destinations=destination_rows(session, cfg, now),
     )
 
 

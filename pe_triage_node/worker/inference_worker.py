@@ -342,7 +342,7 @@ class InferenceWorker:
             if not complete_in(s, job.id, self.worker_id, f"result {row.id} priority {decision.priority.value}"):
                 raise LeaseLost
             paths = self._place(current, staged)
-            export_ids = enqueue_exports(s, self.cfg.export, paths, result=result, decision=decision)
+            export_ids = enqueue_exports(s, self.cfg.export, paths, result=result, decision=decision, result_id=row.id)
             superseded = supersede_queued(s, JobKind.export, current.series_instance_uid, keep=export_ids,
                                           detail=f"superseded by result {row.id}")
             log.info("job %d stored result %d, %d export job(s) priority=%s, %d older export(s) superseded",

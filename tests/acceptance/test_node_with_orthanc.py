@@ -38,8 +38,7 @@ from pe_triage_node.db.session import make_engine
 from pe_triage_node.rules import Findings, priority_for
 from pe_triage_node.rules.store import active_rules
 from pe_triage_node.services.demo import sr_lines
-from pe_triage_node.synth.phantom import render_phantom, sample_spec
-from pe_triage_node.synth.rspect import write_phantom_study
+from pe_triage_node.synth.phantom import sample_spec
 
 try:
     from tests import export_support, node_support, peers
@@ -80,11 +79,10 @@ class OrthancREST:
 
 
 def _phantom(tmp: Path, seed: int, category: str) -> Path:
-    spec = sample_spec(seed, size="small", slices=SLICES, category=category,  # type: ignore[arg-type]
-                       pe_type="acute" if category == "positive" else None)
-    if category == "positive" and not any(e.side == "central" for e in spec.emboli):
+    if category == "positive" and not any(e.side == "central" for e in sample_spec(
+            seed, size="small", slices=SLICES, category="positive", pe_type="acute").emboli):
         raise RuntimeError(f"seed {seed} has no central embolus")
-    return write_phantom_study(render_phantom(spec), tmp, split="acceptance").series_dir
+    return node_support.phantom_ctpa(tmp, seed, category, slices=SLICES)
 
 
 @pytest.fixture(scope="module")

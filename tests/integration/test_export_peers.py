@@ -1,4 +1,5 @@
-"""Results to real peers on loopback: dcmtk ``storescp`` and Orthanc (the SR lands under the original study)."""
+"""Results to real peers on loopback: dcmtk ``storescp``, Orthanc by C-STORE and by STOW-RS (its DICOMweb
+plugin): the SR, SCs and KOS land under the original study."""
 
 from __future__ import annotations
 
@@ -58,11 +59,10 @@ def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
     eng.dispose()
 
 
-def export_to(engine: Engine, tmp_path: Path, port: int, paths: list[Path], result: StudyResult) -> Any:
-    cfg = NodeConfig(
-        node={"var_dir": tmp_path},
-        export={"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}], "backoff_base_s": 0.1},
-    )
+def export_to(engine: Engine, tmp_path: Path, port: int, paths: list[Path], result: StudyResult,
+              destination: dict[str, Any] | None = None) -> Any:
+    dest = destination or {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}
+    cfg = NodeConfig(node={"var_dir": tmp_path}, export={"destinations": [dest], "backoff_base_s": 0.1})
     with Session(engine) as s, s.begin():
         [job_id] = enqueue_exports(s, cfg.export, paths, result=result, decision=es.decision(Priority.STAT))
     exporter = Exporter(engine, cfg)
@@ -118,12 +118,12 @@ def test_orthanc_files_the_results_under_the_original_study_and_a_rerun_replaces
         assert study["MainDicomTags"]["StudyInstanceUID"] == result.study_instance_uid
         series = _get(http_port, f"/studies/{study['ID']}/series?expand")
         by_modality = {s["MainDicomTags"].get("Modality"): s for s in series}
-        assert set(by_modality) == {"CT", "SR", "OT"}
+        assert set(by_modality) == {"CT", "SR", "OT", "KO"}
         sr_series = by_modality["SR"]
         assert sr_series["MainDicomTags"]["SeriesDescription"] == "AI PE TRIAGE: STAT - central PE, RV/LV>=1"
         tags = _get(http_port, f"/instances/{sr_series['Instances'][0]}/simplified-tags")
         assert tags["VerificationFlag"] == "UNVERIFIED" and tags["PatientID"] == es.PATIENT_ID
-        assert len(by_modality["OT"]["Instances"]) == len(outputs) - 1
+        assert len(by_modality["OT"]["Instances"]) == len(outputs) - 2  # all but the SR and the KOS
         before = _get(http_port, "/statistics")["CountInstances"]
         again = export_to(sqlite_engine, tmp_path, dicom_port, outputs, result)  # a re-run: same derived UIDs
         assert again.state == JobState.succeeded
@@ -191,3 +191,51 @@ def test_tls_destination_with_client_certificate(files_for_tls: list[Path], tmp_
 @pytest.fixture
 def files_for_tls(outputs: list[Path]) -> list[Path]:
     return outputs[:2]
+
+
+def test_stow_rs_to_orthanc_then_qido_finds_and_wado_returns_the_sr(
+    sqlite_engine: Engine, outputs: list[Path], result: StudyResult, series_dir: Path, tmp_path: Path
+) -> None:
+    """A DICOMweb destination: the SR, SCs and KOS by STOW-RS into Orthanc's DICOMweb plugin; QIDO-RS then finds
+    the SR series under the original study, WADO-RS returns the SR, and the KOS references the original series."""
+    from dicomweb_client.api import DICOMwebClient
+
+    dicom_port, http_port = peers.free_port(), peers.free_port()
+    proc = peers.start_orthanc(tmp_path / "orthanc", dicom_port, http_port, dicomweb=True)
+    root = f"http://127.0.0.1:{http_port}/dicom-web"
+    try:
+        sent = peers.storescu(dicom_port, [series_dir], called="PACS")
+        assert sent.returncode == 0, sent.stderr
+        job = export_to(sqlite_engine, tmp_path, dicom_port, outputs, result,
+                        {"name": "archive", "kind": "dicomweb", "url": root, "timeout_s": 30.0})
+        assert job.state == JobState.succeeded, job.last_error
+        assert job.attempts == 1
+        web = DICOMwebClient(url=root)
+        study_uid = result.study_instance_uid
+        assert len(web.search_for_studies(search_filters={"StudyInstanceUID": study_uid})) == 1  # no new study
+        modalities = {s["00080060"]["Value"][0]: s for s in web.search_for_series(study_uid)}
+        assert set(modalities) == {"CT", "SR", "OT", "KO"}
+        sr_series = modalities["SR"]["0020000E"]["Value"][0]
+        [sr_item] = web.search_for_instances(study_uid, sr_series)
+        sr_file = next(p for p in outputs if p.name.startswith("SR_"))
+        sr_uid = pydicom.dcmread(sr_file, stop_before_pixels=True).SOPInstanceUID
+        assert sr_item["00080018"]["Value"][0] == sr_uid
+        sr = web.retrieve_instance(study_uid, sr_series, sr_uid)
+        assert sr.VerificationFlag == "UNVERIFIED" and sr.SeriesDescription.startswith("AI PE TRIAGE: STAT")
+        kos_series = modalities["KO"]["0020000E"]["Value"][0]
+        [kos_item] = web.search_for_instances(study_uid, kos_series)
+        kos = web.retrieve_instance(study_uid, kos_series, kos_item["00080018"]["Value"][0])
+        referenced = kos.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        assert referenced.SeriesInstanceUID == result.series_instance_uid
+    finally:
+        peers.stop_process(proc)
+
+
+def test_stow_rs_to_a_dead_archive_is_retried(sqlite_engine: Engine, outputs: list[Path], result: StudyResult, tmp_path: Path) -> None:
+    from pe_triage_node.config import DicomWebDestination
+    from pe_triage_node.export.delivery import Outcome
+    from pe_triage_node.export.dicomweb import stow
+
+    dest = DicomWebDestination(name="archive", kind="dicomweb", url=f"http://127.0.0.1:{peers.free_port()}/dicom-web", timeout_s=3)
+    delivery = stow(dest, outputs[:1])
+    assert delivery.outcome == Outcome.retry and "ConnectionError" in delivery.detail

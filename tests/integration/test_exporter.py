@@ -24,7 +24,6 @@ from pe_triage_node.config import DestinationSection, NodeConfig
 from pe_triage_node.db.models import JobState
 from pe_triage_node.export.exporter import Exporter, enqueue_exports, webhook_body
 from pe_triage_node.export.sender import send_files
-from pe_triage_node.inference.labels import STUDY_LABELS, WINDOW_LABEL
 from pe_triage_node.inference.result import StudyResult
 from pe_triage_node.queue import get_job, job_history
 from pe_triage_node.rules import Priority
@@ -48,17 +47,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def make_result() -> StudyResult:
-    """A minimal positive StudyResult built directly (no engine): what enqueue_exports and the webhook read."""
-    labels = {k: False for k in STUDY_LABELS}
-    labels.update({WINDOW_LABEL: True, "central_pe": True, "rightsided_pe": True, "rv_lv_ratio_gte_1": True})
-    return StudyResult(
-        model_name="test-model", model_version="1.0", intended_use="tests", meaningless=True,
-        series_instance_uid=es.SERIES_UID, study_instance_uid=es.IDENTITY.study_instance_uid,
-        probabilities={k: 0.7 if labels[k] else 0.1 for k in STUDY_LABELS}, window_probabilities=[0.2, 0.9],
-        phase1_window_probabilities=[0.2, 0.9], labels=labels, window_labels=[False, True], consistency={"chosen": "positive"},
-        thresholds={k: 0.5 for k in labels}, attention={k: [0.5, 0.5] for k in STUDY_LABELS}, gradcam=[], windows=[],
-        lung_crop_method="threshold", crop={}, geometry={}, device="cpu", precision="fp32", timings_s={},
-    )
+    return es.minimal_result()
 
 
 class StoreSCP:

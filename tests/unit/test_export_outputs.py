@@ -45,10 +45,14 @@ def written(result: StudyResult, volume: CTVolume, tmp_path_factory: pytest.Temp
     return write_outputs(result, volume, es.decision(Priority.STAT, "Central PE", ("review",)), tmp_path_factory.mktemp("out"))
 
 
-def test_outputs_are_one_sr_one_summary_and_a_gradcam_per_map(written: list[Path], result: StudyResult) -> None:
+def _scs(written: list[Path]) -> list[Path]:
+    return [p for p in written if p.name.startswith("SC_")]
+
+
+def test_outputs_are_one_sr_one_summary_a_gradcam_per_map_and_the_key_images(written: list[Path], result: StudyResult) -> None:
     kinds = [pydicom.dcmread(p).Modality for p in written]
-    assert kinds[0] == "SR"
-    assert kinds.count("OT") == 1 + len(result.gradcam)
+    assert kinds[0] == "SR" and kinds[-1] == "KO"
+    assert kinds.count("OT") == 1 + len(result.gradcam) == len(_scs(written))
     assert len(result.gradcam) >= 1
 
 
@@ -112,7 +116,7 @@ def _text_values(ds: pydicom.Dataset) -> list[str]:
 
 
 def test_scs_are_rgb_with_burned_in_annotation_and_the_source_patient(written: list[Path], result: StudyResult) -> None:
-    for path in written[1:]:
+    for path in _scs(written):
         sc = pydicom.dcmread(path)
         assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
         assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3 and sc.BitsAllocated == 8
@@ -120,7 +124,7 @@ def test_scs_are_rgb_with_burned_in_annotation_and_the_source_patient(written: l
         assert str(sc.PatientName) == es.PATIENT_NAME and sc.StudyInstanceUID == result.study_instance_uid
         assert sc.SeriesDescription.startswith("AI PE TRIAGE: STAT")
         assert min(sc.Rows, sc.Columns) >= 512  # legible text even on a tiny matrix
-    overlays = [pydicom.dcmread(p) for p in written[2:]]
+    overlays = [pydicom.dcmread(p) for p in _scs(written)[1:]]
     assert {o.SourceImageSequence[0].ReferencedSOPInstanceUID for o in overlays} == {g.sop_instance_uid for g in result.gradcam}
 
 
@@ -181,7 +185,7 @@ def test_rewriting_replaces_the_same_files(result: StudyResult, volume: CTVolume
 def test_negative_result_reports_absent_and_routine(result: StudyResult, volume: CTVolume, tmp_path: Path) -> None:
     neg = es.negative(result)
     paths = write_outputs(neg, volume, es.decision(Priority.ROUTINE, None), tmp_path)
-    assert len(paths) == 2  # SR + summary, no Grad-CAM
+    assert len(paths) == 2  # SR + summary, no Grad-CAM and so no key images
     sr = pydicom.dcmread(paths[0])
     assert sr.SeriesDescription == "AI PE TRIAGE: ROUTINE - no PE"
     text = es.dsrdump(paths[0])
@@ -204,7 +208,7 @@ def test_main_finding_and_series_description_wording() -> None:
 
 def test_summary_png_for_a_person(written: list[Path], tmp_path: Path) -> None:
     """Keeps one rendered summary and one overlay as PNG (under the test's tmp dir) for a look."""
-    for i, p in enumerate(written[1:3]):
+    for i, p in enumerate(_scs(written)[:2]):
         Image.fromarray(pydicom.dcmread(p).pixel_array).save(tmp_path / f"sc{i}.png")
         assert (tmp_path / f"sc{i}.png").stat().st_size > 10_000
 
@@ -301,3 +305,27 @@ def test_a_series_numbered_head_first_renders_the_same_descriptors(result: Study
     library = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Image Library")
     shared = {i.ConceptNameCodeSequence[0].CodeMeaning for i in library.ContentSequence[0].ContentSequence if i.ValueType != "IMAGE"}
     assert {"Modality", "Frame of Reference UID", "Pixel Data Rows", "Pixel Data Columns", "Horizontal Pixel Spacing"} <= shared
+
+
+def test_key_images_name_the_gradcam_slices_highest_peak_first(written: list[Path], result: StudyResult) -> None:
+    """The KOS (TID 2010) references the source slices behind the Grad-CAM maps, in the original series and study,
+    titled and described for review, observed by the algorithm, with UIDs derived like the SR's."""
+    kos = pydicom.dcmread(written[-1])
+    uids = identity.OutputUIDs(result.series_instance_uid, result.model_version)
+    assert kos.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document Storage
+    assert (kos.SeriesInstanceUID, kos.SOPInstanceUID) == (uids.kos_series, uids.kos_instance)
+    assert kos.StudyInstanceUID == result.study_instance_uid and kos.PatientID == es.PATIENT_ID
+    assert kos.ConceptNameCodeSequence[0].CodeValue == "113000"  # CID 7010 "Of Interest"
+    items = kos.ContentSequence
+    [description] = [i.TextValue for i in items if i.ConceptNameCodeSequence[0].CodeMeaning == "Key Object Description"]
+    assert description.startswith("For review: AI PE triage key images - STAT - central PE")
+    assert identity.NOT_FOR_DIAGNOSTIC_USE in description
+    observer = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in items if i.RelationshipType == "HAS OBS CONTEXT"}
+    assert observer["Device Observer Serial Number"].TextValue == result.model_version
+    refs = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in items if i.ValueType == "IMAGE"]
+    by_peak = sorted(result.gradcam, key=lambda g: -g.peak_value)
+    assert refs == list(dict.fromkeys(g.sop_instance_uid for g in by_peak))
+    [study] = kos.CurrentRequestedProcedureEvidenceSequence
+    [series] = study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == result.series_instance_uid  # the original series
+    assert {i.ReferencedSOPInstanceUID for i in series.ReferencedSOPSequence} == set(refs)

@@ -404,6 +404,25 @@ def test_ops_page(console: Console) -> None:
     assert "Audit log" in r.text and "sign-in" in r.text
 
 
+def test_ops_page_lists_the_destinations_with_their_jobs_and_no_credentials(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    cfg = make_cfg(db_url, tmp_path)
+    cfg.export = cfg.export.model_validate({"destinations": [
+        {"name": "PACS_MAIN", "ae_title": "PACS", "host": "pacs.example", "port": 104},
+        {"name": "ris", "kind": "hl7", "host": "ris.example", "port": 2575, "min_priority": "URGENT"},
+        {"name": "ehr", "kind": "fhir", "url": "https://user:pw-123@ehr.example:8443/fhir", "bearer_token": "tok-456"},
+    ]})
+    ids = web_seed.seed(engine, cfg.node.var_dir)
+    with TestClient(create_app(cfg, engine)) as client:
+        Console(client, engine, cfg, ids).sign_in(web_seed.VIEWER)
+        html = client.get("/ops").text
+    section = html[html.index("Export destinations"):html.index("Workers")]
+    for text in ("PACS@pacs.example:104", "MLLP ris.example:2575", "https://ehr.example:8443/fhir", "URGENT", "hl7", "fhir"):
+        assert text in section, text
+    assert "pw-123" not in html and "tok-456" not in html
+    pacs_row = re.search(r"<tr><td>PACS_MAIN</td>.*?</tr>", section)
+    assert pacs_row and re.findall(r'class="num[^"]*">(\d+)<', pacs_row.group(0)) == ["0", "0", "1", "0"]  # the seeded dead job
+
+
 def test_readyz_reports_each_check(engine: Engine, db_url: str, tmp_path: Path) -> None:
     cfg = make_cfg(db_url, tmp_path, with_manifest=False)
     with TestClient(create_app(cfg, engine)) as client:

@@ -146,6 +146,15 @@ def test_cli_infer(small_series: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert len(srs) == 1 and scs  # the SR and at least the summary SC
     sr = pydicom.dcmread(srs[0])
     assert sr.SeriesDescription.startswith("AI PE TRIAGE") and sr.VerificationFlag == "UNVERIFIED"
+    # what the HL7 and FHIR destinations would be sent, named after the SR
+    import hl7
+    from fhir.resources.R4B.bundle import Bundle
+
+    assert sorted(p.name for p in (outputs / "hl7").iterdir()) == [f"ORU_{sr.SOPInstanceUID}.hl7"]
+    oru = hl7.parse((outputs / "hl7" / f"ORU_{sr.SOPInstanceUID}.hl7").read_bytes().decode("utf-8"))
+    assert str(oru.segment("MSH")[9]) == "ORU^R01^ORU_R01" and str(oru.segment("OBR")[20]) == sr.StudyInstanceUID
+    bundle = Bundle.model_validate_json((outputs / "fhir" / f"Bundle_{sr.SOPInstanceUID}.json").read_bytes())
+    assert {e.resource.get_resource_type() for e in bundle.entry} == {"Device", "Observation", "DiagnosticReport", "Task"}
     assert main(["infer", str(tmp_path / "w"), "--weights", str(manifest)]) == 3
     assert "series rejected" in capsys.readouterr().err
 
