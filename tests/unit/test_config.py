@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from pe_triage_node.cli import main
 from pe_triage_node.config import NodeConfig, load_config
 from pe_triage_node.errors import ConfigError
 
@@ -81,23 +80,20 @@ def test_not_toml_is_reported(tmp_path: Path) -> None:
         load_config(f)
 
 
-def test_check_config_masks_database_password(tmp_path: Path) -> None:
+def test_check_config_masks_database_password(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "node.toml"
     f.write_text('[database]\nurl = "postgresql+psycopg://triage:s3cret@db:5432/petriage"\n')
-    out = subprocess.run(
-        [sys.executable, "-m", "pe_triage_node.cli", "check-config", "--config", str(f)],
-        capture_output=True, text=True, check=True,
-    ).stdout
+    assert main(["check-config", "--config", str(f)]) == 0
+    out = capsys.readouterr().out
     assert "s3cret" not in out
     assert json.loads(out)["database"]["url"] == "postgresql+psycopg://triage:****@db:5432/petriage"
 
 
-def test_check_config_exits_2_with_reason(tmp_path: Path) -> None:
+def test_check_config_exits_2_with_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "node.toml"
     f.write_text("[receiver]\nport = -1\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pe_triage_node.cli", "check-config", "--config", str(f)],
-        capture_output=True, text=True,
-    )
-    assert proc.returncode == 2
-    assert "receiver.port" in proc.stderr and "-1" in proc.stderr
+    with pytest.raises(SystemExit) as stopped:
+        main(["check-config", "--config", str(f)])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "receiver.port" in err and "-1" in err

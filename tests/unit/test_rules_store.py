@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
 import json
 import os
-import subprocess
-import sys
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,16 @@ from sqlalchemy import Engine, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-import pe_triage_node.cli
+from pe_triage_node.cli import main
 from pe_triage_node.db.models import RuleSetRecord, TriageResult
 from pe_triage_node.rules.engine import Findings, priority_for
-from pe_triage_node.rules.schema import STUDY_LABELS, Priority, RulesError, load_rules, parse_rules
+from pe_triage_node.rules.schema import (
+    STUDY_LABELS,
+    Priority,
+    RulesError,
+    load_rules,
+    parse_rules,
+)
 from pe_triage_node.rules.store import (
     RuleChangeRefused,
     activate,
@@ -236,15 +243,30 @@ def test_replay_survives_damaged_rows(engine: Engine) -> None:
 # -- CLI ----------------------------------------------------------------------------
 
 
-def _cli(args: list[str], cwd: Path, db_url: str | None = None) -> subprocess.CompletedProcess[str]:
-    if "pe_triage_node.rules.cli" in pe_triage_node.cli._ROOMS:
-        cmd = [sys.executable, "-m", "pe_triage_node.cli", "rules", *args]
-    else:  # until the lead registers the room
-        cmd = [sys.executable, "-m", "pe_triage_node.rules.cli", *args]
+@dataclass
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _cli(args: list[str], cwd: Path, db_url: str | None = None) -> CliRun:
+    """``pe-triage rules ARGS`` from ``cwd`` (in this process: its exit code and what it printed)."""
+    out, err = io.StringIO(), io.StringIO()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PETRIAGE_")}
     if db_url is not None:
         env["PETRIAGE_DATABASE__URL"] = db_url
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for key in [k for k in os.environ if k.startswith("PETRIAGE_")]:
+            mp.delenv(key)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mp.chdir(cwd)
+        try:
+            code = main(["rules", *args])
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    return CliRun(code, out.getvalue(), err.getvalue())
 
 
 def test_cli_check(tmp_path: Path) -> None:
