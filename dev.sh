@@ -2,6 +2,7 @@
 # One-command set-up for a fresh machine.
 #   ./dev.sh run    install (venv in .venv), migrate, start the node on its embedded defaults
 #   ./dev.sh test   install (system peers + venv), run the test suite
+#   ./dev.sh fast   the fast lane between edits: unit tests on SQLite
 # Extra arguments go to `pe-triage run` or to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -73,8 +74,12 @@ case "$cmd" in
     fi
     exit "$rc"
     ;;
+  fast)
+    install_venv
+    exec "$VENV/bin/python" -m pytest tests/unit -m "not slow and not postgres" -q "$@"
+    ;;
   *)
-    echo "usage: ./dev.sh run|test [args...]" >&2
+    echo "usage: ./dev.sh run|test|fast [args...]" >&2
     exit 2
     ;;
 esac
