@@ -13,8 +13,11 @@ from pe_triage_node.cli import add_config_option, config_from_args
 from pe_triage_node.config import NodeConfig
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import uvicorn
     from sqlalchemy import Engine
+    from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 
@@ -81,52 +84,48 @@ def _read_password(args: argparse.Namespace, action: str) -> str | None:
     return first
 
 
-def _users_add(args: argparse.Namespace) -> int:
+def _change_user(args: argparse.Namespace, action: str, change: Callable[[Session, str], None], done: str) -> int:
+    """Read the password, apply ``change`` with its audit row in one transaction, print ``done``."""
     from sqlalchemy.orm import Session
 
     from pe_triage_node.db.session import make_engine
-    from pe_triage_node.web.auth import UserError, add_user, audit
+    from pe_triage_node.web.auth import UserError
 
-    password = _read_password(args, "add")
+    password = _read_password(args, action)
     if password is None:
         return 2
     cfg = _prepare(args)
     engine = make_engine(cfg.database_url)
     try:
         with Session(engine) as s, s.begin():
-            add_user(s, args.name, password, args.role)
-            audit(s, "user-add", username=None, target=f"user {args.name}", detail=f"role {args.role} (command line)")
+            change(s, password)
     except UserError as exc:
         print(f"pe-triage: {exc}", file=sys.stderr)
         return 2
     finally:
         engine.dispose()
-    print(f"user {args.name} added ({args.role})")
+    print(done)
     return 0
+
+
+def _users_add(args: argparse.Namespace) -> int:
+    from pe_triage_node.web.auth import add_user, audit
+
+    def change(s: Session, password: str) -> None:
+        add_user(s, args.name, password, args.role)
+        audit(s, "user-add", username=None, target=f"user {args.name}", detail=f"role {args.role} (command line)")
+
+    return _change_user(args, "add", change, f"user {args.name} added ({args.role})")
 
 
 def _users_passwd(args: argparse.Namespace) -> int:
-    from sqlalchemy.orm import Session
+    from pe_triage_node.web.auth import audit, set_password
 
-    from pe_triage_node.db.session import make_engine
-    from pe_triage_node.web.auth import UserError, audit, set_password
+    def change(s: Session, password: str) -> None:
+        set_password(s, args.name, password)
+        audit(s, "user-password", username=None, target=f"user {args.name}", detail="command line")
 
-    password = _read_password(args, "passwd")
-    if password is None:
-        return 2
-    cfg = _prepare(args)
-    engine = make_engine(cfg.database_url)
-    try:
-        with Session(engine) as s, s.begin():
-            set_password(s, args.name, password)
-            audit(s, "user-password", username=None, target=f"user {args.name}", detail="command line")
-    except UserError as exc:
-        print(f"pe-triage: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        engine.dispose()
-    print(f"password of {args.name} changed; its sessions were signed out")
-    return 0
+    return _change_user(args, "passwd", change, f"password of {args.name} changed; its sessions were signed out")
 
 
 def _users_list(args: argparse.Namespace) -> int:
