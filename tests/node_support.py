@@ -25,11 +25,7 @@ from sqlalchemy.orm import Session
 from pe_triage_node.db.models import Instance, JobKind, Series, SeriesState, Study
 from pe_triage_node.queue import enqueue
 
-try:
-    from tests import export_support, peers
-except ModuleNotFoundError:  # tests/ on sys.path
-    import export_support  # type: ignore[no-redef]
-    import peers  # type: ignore[no-redef]
+from tests import export_support, peers
 
 PROJECT_ROOT = peers.PROJECT_ROOT
 DEMO_MANIFEST = PROJECT_ROOT / "models" / "demo" / "manifest.json"

@@ -22,10 +22,7 @@ from typing import Any
 import hl7
 from hl7.mllp import start_hl7_server
 
-try:
-    from tests import peers
-except ModuleNotFoundError:  # tests/ on sys.path
-    import peers  # type: ignore[no-redef]
+from tests import peers
 
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
 

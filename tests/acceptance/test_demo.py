@@ -7,10 +7,7 @@ import sys
 
 import pytest
 
-try:
-    from tests import node_support
-except ModuleNotFoundError:
-    import node_support  # type: ignore[no-redef]
+from tests import node_support
 
 pytestmark = pytest.mark.slow
 

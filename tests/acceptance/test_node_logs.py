@@ -23,12 +23,7 @@ from pe_triage_node.db.models import Job, JobKind, JobState, TriageResult
 from pe_triage_node.db.session import make_engine
 from pe_triage_node.synth.ct_series import StudyIdentity, write_ct_series
 
-try:
-    from tests import export_support, node_support, peers
-except ModuleNotFoundError:
-    import export_support  # type: ignore[no-redef]
-    import node_support  # type: ignore[no-redef]
-    import peers  # type: ignore[no-redef]
+from tests import export_support, node_support, peers
 
 pytestmark = pytest.mark.slow
 

@@ -24,12 +24,7 @@ from pe_triage_node.db.models import Job, JobKind, JobState, TriageResult
 from pe_triage_node.db.session import make_engine
 from pe_triage_node.export.findings import ResultFindings, main_finding
 
-try:
-    from tests import node_support, peers, ris_peers
-except ModuleNotFoundError:
-    import node_support  # type: ignore[no-redef]
-    import peers  # type: ignore[no-redef]
-    import ris_peers  # type: ignore[no-redef]
+from tests import node_support, peers, ris_peers
 
 pytestmark = pytest.mark.slow
 

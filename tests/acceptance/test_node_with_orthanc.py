@@ -40,12 +40,7 @@ from pe_triage_node.rules.store import active_rules
 from pe_triage_node.services.demo import sr_lines
 from pe_triage_node.synth.phantom import sample_spec
 
-try:
-    from tests import export_support, node_support, peers
-except ModuleNotFoundError:
-    import export_support  # type: ignore[no-redef]
-    import node_support  # type: ignore[no-redef]
-    import peers  # type: ignore[no-redef]
+from tests import export_support, node_support, peers
 
 pytestmark = pytest.mark.slow
 

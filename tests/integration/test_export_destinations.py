@@ -29,13 +29,8 @@ from pe_triage_node.inference.result import StudyResult
 from pe_triage_node.queue import get_job
 from pe_triage_node.rules import Priority
 
-try:
-    from tests import export_support as es
-    from tests import peers, ris_peers
-except ModuleNotFoundError:  # tests/ on sys.path (rootdir conftest)
-    import export_support as es  # type: ignore[no-redef]
-    import peers  # type: ignore[no-redef]
-    import ris_peers  # type: ignore[no-redef]
+from tests import export_support as es
+from tests import peers, ris_peers
 
 TOKEN = "s3cret-bearer-token"
 BIRTH_DATE = "19471103"

@@ -19,10 +19,7 @@ from pe_triage_node.inference.result import StudyResult
 from pe_triage_node.inference.volume import CTVolume
 from pe_triage_node.rules import Priority
 
-try:
-    from tests import export_support as es
-except ModuleNotFoundError:  # tests/ on sys.path (rootdir conftest)
-    import export_support as es  # type: ignore[no-redef]
+from tests import export_support as es
 
 
 @pytest.fixture(scope="module")

@@ -33,10 +33,7 @@ from sqlalchemy import Engine, text
 from pe_triage_node.db.session import make_engine
 from pe_triage_node.synth.ct_series import StudyIdentity, write_ct_series
 
-try:
-    from tests import peers
-except ModuleNotFoundError:  # tests/ on sys.path (pytest's rootdir conftest), not the project root
-    import peers  # type: ignore[no-redef]
+from tests import peers
 
 pytestmark = pytest.mark.slow
 

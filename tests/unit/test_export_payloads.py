@@ -26,12 +26,8 @@ from pe_triage_node.export.record import PatientOrder, ResultRecord
 from pe_triage_node.inference.labels import STUDY_LABELS, WINDOW_LABEL
 from pe_triage_node.rules import Priority
 
-try:
-    from tests import export_support as es
-    from tests import ris_peers
-except ModuleNotFoundError:  # tests/ on sys.path
-    import export_support as es  # type: ignore[no-redef]
-    import ris_peers  # type: ignore[no-redef]
+from tests import export_support as es
+from tests import ris_peers
 
 WHEN = dt.datetime(2026, 3, 4, 5, 6, 7, tzinfo=dt.UTC)
 STUDY_UID = "1.2.826.0.1.3680043.10.1453.77.1"
