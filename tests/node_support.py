@@ -124,7 +124,8 @@ def seed_selected_series(
     with Session(engine) as s, s.begin():
         series = s.scalars(select(Series).where(Series.series_instance_uid == first.SeriesInstanceUID)).one_or_none()
         if series is None:
-            study = Study(study_instance_uid=first.StudyInstanceUID, patient_id=str(first.get("PatientID", "")))
+            # PatientID clipped to the column as the receiver's index does (dicom/index.py)
+            study = Study(study_instance_uid=first.StudyInstanceUID, patient_id=str(first.get("PatientID", ""))[:64])
             s.add(study)
             s.flush()
             series = Series(study_id=study.id, series_instance_uid=first.SeriesInstanceUID, modality="CT")

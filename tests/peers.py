@@ -193,6 +193,7 @@ def write_receiver_config(
     database_url: str | None = None,
     receiver: Mapping[str, Any] | None = None,
     tls: Mapping[str, Any] | None = None,
+    selection: Mapping[str, Any] | None = None,
 ) -> Path:
     """A node.toml for a receiver on loopback with all state under ``tmp``."""
     var = tmp / "var"
@@ -206,6 +207,8 @@ def write_receiver_config(
         lines.append("[receiver.tls]")
         for key, value in tls.items():
             lines.append(f"{key} = {json.dumps(str(value) if isinstance(value, Path) else value)}")
+    if selection:
+        lines += ["", "[selection]"] + [f"{key} = {json.dumps(value)}" for key, value in selection.items()]
     if database_url:
         lines += ["", "[database]", f"url = {json.dumps(database_url)}"]
     path = tmp / "node.toml"

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 SR_MODALITY = "SR"
+DEFAULT_SLICES = 128  # a small phantom's chest (up to ~360 mm) in slices under 3 mm
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,7 +50,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen-ae", default="DEMO", help="AE title of the demo's receiver (the node's destination)")
     p.add_argument("--listen-host", default=None, help="interface of the demo's receiver (default: 0.0.0.0 with --node, else 127.0.0.1)")
     p.add_argument("--listen-port", type=int, default=None, help="port of the demo's receiver (default: 11113 with --node, else a free one)")
-    p.add_argument("--slices", type=int, default=64, help="slices of the phantom (small phantom, 128 x 128)")
+    p.add_argument("--slices", type=int, default=DEFAULT_SLICES,
+                   help=f"slices of the phantom (128 x 128 pixels; default {DEFAULT_SLICES}: slices under 3 mm, "
+                        "which a node on its default selection accepts)")
     p.add_argument("--seed", type=int, default=None, help="phantom seed (default: new each run)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the SR")
     p.add_argument("--random-weights", action="store_true", help="self-contained node with random weights (meaningless findings)")
@@ -132,8 +135,16 @@ class DemoReceiver:
 # -- the phantom -------------------------------------------------------------------------
 
 
-def central_pe_phantom(out_dir: Path, *, slices: int, seed: int | None) -> tuple[Path, str, int]:
-    """Write a small phantom CTPA with an acute central PE; returns (series folder, study UID, seed)."""
+@dataclass(frozen=True)
+class DemoPhantom:
+    series_dir: Path
+    study_instance_uid: str
+    seed: int
+    slice_thickness_mm: float
+
+
+def central_pe_phantom(out_dir: Path, *, slices: int, seed: int | None) -> DemoPhantom:
+    """Write a small phantom CTPA with an acute central PE."""
     from pe_triage_node.synth.phantom import render_phantom, sample_spec
     from pe_triage_node.synth.rspect import write_phantom_study
 
@@ -142,7 +153,7 @@ def central_pe_phantom(out_dir: Path, *, slices: int, seed: int | None) -> tuple
         spec = sample_spec(s, size="small", slices=slices, category="positive", pe_type="acute")
         if any(e.side == "central" for e in spec.emboli):
             written = write_phantom_study(render_phantom(spec), out_dir, split="demo")
-            return written.series_dir, written.study_instance_uid, s
+            return DemoPhantom(written.series_dir, written.study_instance_uid, s, float(spec.slice_thickness))
     raise RuntimeError("no central-PE phantom found among 500 seeds")
 
 
@@ -224,11 +235,16 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> 
     raise TimeoutError(f"the demo node did not listen on port {port} within {timeout:.0f} s")
 
 
-def demo_environment(tmp: Path, node_port: int, listen_ae: str, listen_port: int) -> dict[str, str]:
+def demo_environment(
+    tmp: Path, node_port: int, listen_ae: str, listen_port: int, *, max_slice_thickness_mm: float | None = None
+) -> dict[str, str]:
     """``PETRIAGE_*`` overrides for the self-contained demo node (they beat any configuration file):
-    state under ``tmp``, loopback only, short quiet period, the demo receiver as the only destination."""
+    state under ``tmp``, loopback only, short quiet period, the demo receiver as the only destination;
+    ``max_slice_thickness_mm`` widens the selection for a phantom of fewer, thicker slices."""
     dest = [{"name": "demo", "ae_title": listen_ae, "host": "127.0.0.1", "port": listen_port}]
-    return {
+    widen = {} if max_slice_thickness_mm is None else {
+        "PETRIAGE_SELECTION__MAX_SLICE_THICKNESS_MM": f"{max_slice_thickness_mm:.2f}"}
+    return widen | {
         "PETRIAGE_NODE__VAR_DIR": str(tmp / "var"),
         "PETRIAGE_DATABASE__URL": "sqlite:///{var_dir}/node.db",
         "PETRIAGE_RECEIVER__HOST": "127.0.0.1",
@@ -254,14 +270,26 @@ def run_demo(args: argparse.Namespace) -> int:
     node: subprocess.Popen[bytes] | None = None
     receiver = DemoReceiver(args.listen_ae, listen_host, listen_port, keep=(args.keep / "received") if args.keep else None)
     try:
-        series_dir, study_uid, seed = central_pe_phantom(args.keep or tmp, slices=args.slices, seed=args.seed)
-        print(f"phantom CTPA (central PE, seed {seed}): {len(list(series_dir.glob('*.dcm')))} slices")
+        from pe_triage_node.config import SelectionSection
+
+        phantom = central_pe_phantom(args.keep or tmp, slices=args.slices, seed=args.seed)
+        series_dir, study_uid = phantom.series_dir, phantom.study_instance_uid
+        print(f"phantom CTPA (central PE, seed {phantom.seed}): {len(list(series_dir.glob('*.dcm')))} slices "
+              f"of {phantom.slice_thickness_mm:.1f} mm")
         if self_contained:
             from pe_triage_node.config import load_config
             from pe_triage_node.inference.weights import default_manifest_path
 
+            selection = load_config(args.config).selection if args.config else SelectionSection()
+            widen = None
+            if phantom.slice_thickness_mm > selection.max_slice_thickness_mm:
+                widen = round(phantom.slice_thickness_mm + 0.01, 2)
+                print(f"NOTE: {phantom.slice_thickness_mm:.1f} mm slices are thicker than a CTPA's; the demo node "
+                      f"accepts up to {widen:g} mm (selection.max_slice_thickness_mm; "
+                      f"{DEFAULT_SLICES} slices stay within the default)")
             node_port = _free_port()
-            env = {**os.environ, **demo_environment(tmp, node_port, args.listen_ae, listen_port)}
+            env = {**os.environ, **demo_environment(tmp, node_port, args.listen_ae, listen_port,
+                                                    max_slice_thickness_mm=widen)}
             cmd = [sys.executable, "-m", "pe_triage_node.cli", "run", "--no-web"]
             if args.config is not None:
                 cmd += ["--config", str(args.config)]
@@ -281,6 +309,9 @@ def run_demo(args: argparse.Namespace) -> int:
             host, port = host or "127.0.0.1", int(port_text)
             print(f"sending to {args.ae}@{host}:{port}; the node must list {args.listen_ae} "
                   f"(this machine, port {listen_port}) as an export destination")
+            if phantom.slice_thickness_mm > SelectionSection().max_slice_thickness_mm:
+                print(f"NOTE: a node on the default selection refuses {phantom.slice_thickness_mm:.1f} mm slices "
+                      f"as not a CTPA (use --slices {DEFAULT_SLICES} or more)")
         last_ack = send_series(series_dir, host, port, called_ae=args.ae, calling_ae=args.calling_ae)
         print("sent; waiting for the structured report...")
         sr, others = receiver.wait_for_sr(study_uid, args.timeout)

@@ -73,13 +73,14 @@ def start_node(tmp_path: Path) -> Iterator[Any]:
         tls: dict[str, Any] | None = None,
         name: str = "node",
         assembly: bool = False,
+        selection: dict[str, Any] | None = None,
         **receiver: Any,
     ) -> Node:
         d = tmp_path / name
         d.mkdir(exist_ok=True)
         port = peers.free_port()
         url = database_url or f"sqlite:///{d / 'var' / 'node.db'}"
-        cfg = peers.write_receiver_config(d, port, database_url=url, receiver=receiver, tls=tls)
+        cfg = peers.write_receiver_config(d, port, database_url=url, receiver=receiver, tls=tls, selection=selection)
         log = d / "receiver.log"
         proc = peers.start_receiver(cfg, port, log_path=log, assembly=assembly)
         node = Node(port, proc, cfg, d / "var" / "spool", log, url, make_engine(url))
@@ -537,10 +538,25 @@ def test_released_association_hands_series_to_assembly(start_node: Any, processe
     realdata = peers.realdata_dir()
     if realdata is None:
         pytest.skip(f"real data not found at {peers.REALDATA_DIR} (a checkout without ../shared/realdata)")
-    node = start_node(assembly=True, processes=processes)
+    # the real series are 5 and 8 mm: this test widens the default 3 mm limit to see the choice among reconstructions
+    node = start_node(assembly=True, processes=processes, selection={"max_slice_thickness_mm": 10.0})
     res = peers.storescu(node.port, [realdata])
     assert res.returncode == 0, res.stderr
     _wait_until(lambda: node.scalar("SELECT count(*) FROM series WHERE state IN ('receiving', 'complete')") == 0)
     states = node.rows("SELECT study_id, state, state_reason FROM series ORDER BY study_id, state")
     assert [r.state for r in states] == ["rejected", "selected", "rejected", "selected"]
     assert all(r.state_reason for r in states)
+
+
+def test_thick_series_are_refused_by_default_with_their_reason(start_node: Any) -> None:
+    """On the defaults (slices of at most 3 mm) the real 5 and 8 mm chest series are not CTPAs."""
+    realdata = peers.realdata_dir()
+    if realdata is None:
+        pytest.skip(f"real data not found at {peers.REALDATA_DIR} (a checkout without ../shared/realdata)")
+    node = start_node(assembly=True)
+    res = peers.storescu(node.port, [realdata])
+    assert res.returncode == 0, res.stderr
+    _wait_until(lambda: node.scalar("SELECT count(*) FROM series WHERE state IN ('receiving', 'complete')") == 0)
+    states = node.rows("SELECT state, state_reason FROM series")
+    assert len(states) == 4 and {r.state for r in states} == {"rejected"}
+    assert all(r.state_reason.startswith("not a CTPA: ") and "mm" in r.state_reason for r in states), states
