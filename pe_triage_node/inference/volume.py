@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 WINDOW_SLICES = 10  # slices per phase-1 window (MODEL.md, preprocessing step 5)
 CT_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"})
 _ORIENTATION_TOL = 1e-3  # max difference between direction cosines of one series
+MAX_MATRIX = 2048  # rows and columns: CT reconstructs 512² to 1024²; beyond is not a CT slice (memory bound)
 _GAP_FACTOR = 1.5  # a step this many times the median step means missing slices
 
 
@@ -119,6 +120,9 @@ def _read_header(path: Path, *, skip_unreadable: bool = True) -> _SliceHeader | 
         raise VolumeRejected("ImageOrientationPatient missing: slices cannot be ordered")
     if "PixelSpacing" not in ds:
         raise VolumeRejected("PixelSpacing missing")
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if not (0 < rows <= MAX_MATRIX and 0 < columns <= MAX_MATRIX):
+        raise VolumeRejected(f"matrix {rows} x {columns} outside 1..{MAX_MATRIX} (a CT slice is at most {MAX_MATRIX}²)")
     ps = _float_list(ds, "PixelSpacing", 2, "PixelSpacing")
     inst = ds.get("InstanceNumber")
     return _SliceHeader(
@@ -128,8 +132,8 @@ def _read_header(path: Path, *, skip_unreadable: bool = True) -> _SliceHeader | 
         position=_float_list(ds, "ImagePositionPatient", 3, "ImagePositionPatient"),
         sop_uid=str(ds.get("SOPInstanceUID", "")),
         instance_number=int(inst) if inst not in (None, "") else None,
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
+        rows=rows,
+        columns=columns,
         pixel_spacing=(float(ps[0]), float(ps[1])),
     )
 

@@ -125,9 +125,14 @@ def _bad_pixels(paths: list[Path]) -> None:
     ds.save_as(paths[2])
 
 
+def _huge_matrix(paths: list[Path]) -> None:
+    _edit(paths[5], Rows=65535, Columns=65535)  # declared only: refused before any pixel is allocated
+
+
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [
+        (_huge_matrix, "matrix 65535 x 65535 outside"),
         (_mixed_orientation, "mixed image orientations"),
         (_tilt, "gantry tilt"),
         (_missing_position, "ImagePositionPatient missing"),
