@@ -14,16 +14,8 @@ STUDY_LABELS: tuple[str, ...] = (
     "rv_lv_ratio_gte_1",
     "rv_lv_ratio_lt_1",
 )
-# The seven labels that only a positive study may carry (rule 2b).
-PE_SPECIFIC: tuple[str, ...] = (
-    "chronic_pe",
-    "acute_and_chronic_pe",
-    "central_pe",
-    "leftsided_pe",
-    "rightsided_pe",
-    "rv_lv_ratio_gte_1",
-    "rv_lv_ratio_lt_1",
-)
+# The seven labels that only a positive study may carry (rule 2b): all but negative and indeterminate.
+PE_SPECIFIC: tuple[str, ...] = STUDY_LABELS[2:]
 CHALLENGE_WEIGHTS: dict[str, float] = {
     WINDOW_LABEL: 0.07361963,  # times q_i, the share of positive slices
     "negative_exam_for_pe": 0.0736196319,

@@ -99,12 +99,16 @@ def _db_current(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_random_weights(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--random-weights", action="store_true",
+                   help="workers use random weights: MEANINGLESS results (smoke tests without a model)")
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="start the whole node on this machine (receiver, worker, exporter, web)")
     add_config_option(p)
     p.add_argument("--no-web", action="store_true", help="do not start the web console")
-    p.add_argument("--random-weights", action="store_true",
-                   help="workers use random weights: MEANINGLESS results (smoke tests without a model)")
+    _add_random_weights(p)
     p.set_defaults(handler=_run)
 
     p = sub.add_parser("receiver", help="start the DICOM listener (with series assembly) alone")
@@ -113,8 +117,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("worker", help="start one inference worker (claims inference jobs)")
     add_config_option(p)
-    p.add_argument("--random-weights", action="store_true",
-                   help="random weights: MEANINGLESS results (smoke tests without a model)")
+    _add_random_weights(p)
     p.set_defaults(handler=_worker)
 
     p = sub.add_parser("exporter", help="start the exporter (sends results to the destinations)")

@@ -46,6 +46,20 @@ def quiet_libraries() -> None:
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
+def process_config(prog: str, role: str, path: Path | None) -> NodeConfig | None:
+    """The configuration of one of the node's processes, its logging set up; ``None`` (the reason
+    printed on stderr, exit code 2 for the caller) when the configuration is invalid."""
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return None
+    from pe_triage_node.services.logs import configure_logging
+
+    configure_logging(cfg, role)
+    return cfg
+
+
 def _stop_event() -> threading.Event:
     stop = threading.Event()
 
@@ -213,14 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--random-weights", action="store_true", help="worker: meaningless random weights (tests)")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"pe-triage {args.role}: {exc}", file=sys.stderr)
+    cfg = process_config(f"pe-triage {args.role}", args.role, args.config)
+    if cfg is None:
         return 2
-    from pe_triage_node.services.logs import configure_logging
-
-    configure_logging(cfg, args.role)
     quiet_libraries()
     return run_role(args.role, cfg, random_weights=args.random_weights)
 

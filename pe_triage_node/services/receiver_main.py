@@ -29,8 +29,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pe_triage_node.config import NodeConfig, load_config
-from pe_triage_node.errors import ConfigError
+from pe_triage_node.config import NodeConfig
+from pe_triage_node.services.node import process_config
 
 log = logging.getLogger(__name__)
 
@@ -253,15 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--no-assembly", action="store_true", help="store only, no series assembly")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"pe-triage-receiver: {exc}", file=sys.stderr)
+    cfg = process_config("pe-triage-receiver", "receiver", args.config)
+    if cfg is None:
         return 2
     from pe_triage_node.db.migrate import upgrade
-    from pe_triage_node.services.logs import configure_logging
-
-    configure_logging(cfg, "receiver")
 
     cfg.node.var_dir.mkdir(parents=True, exist_ok=True)
     upgrade(cfg.database_url)
