@@ -357,6 +357,61 @@ class RspectStudy:
     series_dir: Path
     slice_labels: dict[str, int]  # SOPInstanceUID -> pe_present_on_image
     labels: dict[str, int]  # nine study labels
+    mask_path: Path | None = None  # the series' embolus mask, when the data set ships one
+
+
+# Embolus masks beside the CSV: ``<split>_masks/<SeriesInstanceUID>.npz`` holding ``embolus``
+# (uint8, one plane per SOP instance in the pixel grid its DICOM file stores; 0 background,
+# k the k-th embolus) and ``sop_instance_uids`` (the plane order).
+MASK_FORMAT = "pe-triage-embolus-mask/1"
+
+
+def mask_path(data_dir: Path, split: str, series_instance_uid: str) -> Path:
+    """Where the embolus mask of a series lies (the UID is checked before it names a file)."""
+    from pe_triage_node.dicom.uids import validate_uid
+
+    return Path(data_dir) / f"{split}_masks" / f"{validate_uid(series_instance_uid, 'SeriesInstanceUID')}.npz"
+
+
+@dataclass
+class EmbolusMask:
+    """A series' embolus voxels: ``planes[k]`` belongs to ``sop_instance_uids[k]`` (its stored pixel grid)."""
+
+    planes: np.ndarray  # uint8 (n, rows, columns)
+    sop_instance_uids: list[str]
+
+    def aligned(self, sop_order: Sequence[str]) -> np.ndarray:
+        """The planes in ``sop_order`` (e.g. a loaded volume's z order); empty planes for SOPs the mask lacks."""
+        at = {u: k for k, u in enumerate(self.sop_instance_uids)}
+        out = np.zeros((len(sop_order), *self.planes.shape[1:]), dtype=self.planes.dtype)
+        for i, u in enumerate(sop_order):
+            k = at.get(u)
+            if k is not None:
+                out[i] = self.planes[k]
+        return out
+
+    def positive_sops(self) -> set[str]:
+        """SOP instances whose plane holds an embolus voxel."""
+        return {u for u, any_ in zip(self.sop_instance_uids, self.planes.reshape(len(self.planes), -1).any(axis=1)) if any_}
+
+
+def write_embolus_mask(path: Path, planes: np.ndarray, sop_instance_uids: Sequence[str]) -> Path:
+    """Write an :class:`EmbolusMask` (compressed npz, written atomically)."""
+    if planes.ndim != 3 or len(planes) != len(sop_instance_uids):
+        raise ValueError(f"mask planes {planes.shape} do not match {len(sop_instance_uids)} SOP instances")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, format=np.array(MASK_FORMAT), embolus=planes.astype(np.uint8), sop_instance_uids=np.array(list(sop_instance_uids)))
+    tmp.replace(path)
+    return path
+
+
+def read_embolus_mask(path: Path) -> EmbolusMask:
+    """Read a mask written by :func:`write_embolus_mask` (no pickles)."""
+    with np.load(path, allow_pickle=False) as z:
+        if str(z["format"]) != MASK_FORMAT:
+            raise ValueError(f"{path.name}: not a {MASK_FORMAT} file")
+        return EmbolusMask(np.asarray(z["embolus"]), [str(u) for u in z["sop_instance_uids"]])
 
 
 def read_rspect(data_dir: Path, split: str = "train") -> list[RspectStudy]:
@@ -379,6 +434,15 @@ def read_rspect(data_dir: Path, split: str = "train") -> list[RspectStudy]:
                 )
                 studies[key] = st
             st.slice_labels[row["SOPInstanceUID"]] = int(float(row[WINDOW_LABEL]))
+    if (Path(data_dir) / f"{split}_masks").is_dir():
+        from pe_triage_node.errors import InputRejected
+
+        for st in studies.values():
+            try:
+                path = mask_path(data_dir, split, st.series_instance_uid)
+            except InputRejected:  # a UID that cannot name a file has no mask
+                continue
+            st.mask_path = path if path.is_file() else None
     return list(studies.values())
 
 

@@ -40,6 +40,8 @@ def _synth(args: argparse.Namespace) -> int:
             print(f"pe-triage synth: {split_dir} was not written by pe-triage synth; not replacing it", file=sys.stderr)
             return 2
         shutil.rmtree(split_dir)
+        if (out / f"{args.split}_masks").is_dir():
+            shutil.rmtree(out / f"{args.split}_masks")
     t0 = time.perf_counter()
 
     def progress(i: int, rec: dict[str, Any]) -> None:
