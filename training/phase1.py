@@ -1,4 +1,12 @@
-"""Step 2: phase 1 — r3d_18 on 10-slice windows, BCE on the window label; and step 3: feature extraction.
+"""Step 2: phase 1 — r3d_18 on 10-slice windows, BCE on the window label (+ the attention loss where
+embolus masks exist); and step 3: feature extraction.
+
+Attention-guided (seeds/001 section 2.1, :mod:`training.attention`): windows of studies
+whose data set ships embolus masks (the phantoms) add ``attention_lambda`` (1) x
+(1 - continuous Dice) between the Grad-CAM map of the positive logit on ``layer4``
+and the mask on that grid (all zeros for negative windows); studies without masks
+(the RSNA download) train with the BCE alone. ``phase1.json`` (and the weights'
+manifest) records lambda and how many training studies had masks.
 
 Defaults are the paper's (MODEL.md): Adam lr 4e-4, batch 16, 20 epochs, keep
 the epoch with the best validation window AUROC. An epoch visits every window
@@ -32,6 +40,7 @@ import torch.nn.functional as F
 from pe_triage_node.evaluation import delong_auroc
 from pe_triage_node.inference.networks import WindowEncoder
 from pe_triage_node.inference.volume import WINDOW_SLICES
+from training.attention import attention_loss
 from training.cache import CachedStudy, load_cached
 from training.common import autocast_for, load_checkpoint, pick_device, save_checkpoint, seed_everything, write_json
 
@@ -50,6 +59,7 @@ class Phase1Config:
     jitter: int = 3  # random shift of a window's start, slices
     max_minutes: float | None = None  # stop after the epoch that passes this wall time (recorded)
     eval_batch: int = 32
+    attention_lambda: float = 1.0  # weight of the attention loss on windows of studies with masks (0: off)
     device: str = "auto"
     precision: str = "auto"
 
@@ -73,7 +83,7 @@ def _epoch_windows(studies: list[CachedStudy], cfg: Phase1Config, epoch: int) ->
     return [out[j] for j in order]
 
 
-def _train_logits(model: WindowEncoder, x: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+def _train_logits(model: WindowEncoder, x: torch.Tensor, device: torch.device, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Training forward: stem..layer3 under the serving autocast, ``layer4`` and the head in fp32.
 
     On this project's CPU (torch 2.14, oneDNN) the bf16 weight gradient of
@@ -84,7 +94,10 @@ def _train_logits(model: WindowEncoder, x: torch.Tensor, device: torch.device, p
     with autocast_for(device, precision):
         a = model.layer3(model.layer2(model.layer1(model.stem(x))))
     a = model.layer4(a.float())
-    return model.fc(model.avgpool(a).flatten(1))[:, 0]
+    logit = model.fc(model.avgpool(a).flatten(1))[:, 0]
+    # Grad-CAM of the logit on layer4, differentiable (WindowEncoder.forward's closed form)
+    cam = torch.einsum("bcthw,c->bthw", a, model.fc.weight[0]) / (a.shape[2] * a.shape[3] * a.shape[4])
+    return logit, cam
 
 
 def _window_label(st: CachedStudy, start: int) -> float:
@@ -144,14 +157,22 @@ def train_phase1(cache_dir: Path, out_dir: Path, cfg: Phase1Config, *, show_prog
         model.train()
         items = _epoch_windows(train, cfg, epoch)
         losses: list[float] = []
+        att_losses: list[float] = []
         skipped = 0
         bar = tqdm(range(0, len(items), cfg.batch_size), desc=f"phase1 epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show_progress)
         for a in bar:
             chunk = items[a : a + cfg.batch_size]
             x = torch.stack([train[i].window(s) for i, s in chunk]).to(device)
             y = torch.tensor([_window_label(train[i], s) for i, s in chunk], device=device)
-            logit = _train_logits(model, x, device, cfg.precision)
+            logit, cam = _train_logits(model, x, device, cfg.precision)
             loss = F.binary_cross_entropy_with_logits(logit.float(), y)
+            guided = [j for j, (i, _) in enumerate(chunk) if train[i].mask is not None]
+            if cfg.attention_lambda > 0 and guided:
+                masks = torch.stack([train[chunk[j][0]].window_mask(chunk[j][1]) for j in guided]).to(device)  # type: ignore[misc]
+                sel = torch.tensor(guided, device=device)
+                att = attention_loss(cam[sel], masks, y[sel])
+                loss = loss + cfg.attention_lambda * att * (len(guided) / len(chunk))
+                att_losses.append(att.item())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if not torch.isfinite(loss) or not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
@@ -163,7 +184,14 @@ def train_phase1(cache_dir: Path, out_dir: Path, cfg: Phase1Config, *, show_prog
         probs, _ = predict_windows(model, val, device, batch=cfg.eval_batch, precision=cfg.precision)
         auc, _ = delong_auroc(val_y, np.concatenate(probs)) if len(val_y) else (float("nan"), 0.0)
         auc = float(auc) if not np.isnan(auc) else 0.0
-        rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None, "train_windows": len(items), "skipped_steps": skipped, "val_window_auroc": round(auc, 4)}
+        rec = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "train_attention_loss": float(np.mean(att_losses)) if att_losses else None,
+            "train_windows": len(items),
+            "skipped_steps": skipped,
+            "val_window_auroc": round(auc, 4),
+        }
         history.append(rec)
         log.info("phase1 %s", rec)
         if show_progress:
@@ -189,6 +217,12 @@ def train_phase1(cache_dir: Path, out_dir: Path, cfg: Phase1Config, *, show_prog
         "input_size": tindex["input_size"],
         "train_studies": len(train),
         "val_studies": len(val),
+        "attention_guidance": {
+            "loss": "BCE + lambda * (1 - continuous Dice(Grad-CAM of the positive logit on layer4, embolus mask on its grid)); training/attention.py",
+            "lambda": cfg.attention_lambda,
+            "train_studies_with_masks": sum(1 for st in train if st.mask is not None),
+            "used": cfg.attention_lambda > 0 and any(st.mask is not None for st in train),
+        },
         "best_epoch": best_epoch,
         "best_val_window_auroc": round(best_auc, 4),
         "epochs_run": len(history),
@@ -240,13 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--neg-ratio", type=float, default=1.0)
+    ap.add_argument("--attention-lambda", type=float, default=1.0, help="weight of the attention loss where masks exist (0: classification loss only)")
     ap.add_argument("--max-minutes", type=float, default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--features-only", action="store_true", help="only extract features from best.pt")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     if not args.features_only:
-        cfg = Phase1Config(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, neg_ratio=args.neg_ratio, max_minutes=args.max_minutes, device=args.device)
+        cfg = Phase1Config(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, neg_ratio=args.neg_ratio, max_minutes=args.max_minutes, attention_lambda=args.attention_lambda, device=args.device)
         train_phase1(args.cache_dir, args.out_dir, cfg)
     print(extract_features(args.cache_dir, args.out_dir, device=args.device))
     return 0

@@ -313,6 +313,22 @@ def prepare_study(
     )
 
 
+def prepare_mask(planes: np.ndarray, volume: CTVolume, prepared: PreparedStudy) -> torch.Tensor:
+    """A voxel mask of ``volume`` (its slice order, each plane in its stored pixel grid) on the prepared
+    slices (z, S, S), bool: the same resampling, crop and resize as the HU, any coverage counts
+    (a slightly larger mask, as the attention-guided paper downsamples its masks)."""
+    m = np.asarray(planes > 0, dtype=np.float32)
+    if volume.flipped_y:
+        m = m[:, ::-1, :]
+    if volume.flipped_x:
+        m = m[:, :, ::-1]
+    vol = resample_isotropic(torch.from_numpy(np.ascontiguousarray(m)), volume.spacing)
+    z0, z1, y0, y1, x0, x1 = prepared.box
+    crop = vol[z0:z1, y0:y1, x0:x1]
+    s = prepared.input_size
+    return F.interpolate(crop[None], size=(s, s), mode="bilinear", align_corners=False)[0] > 1e-3
+
+
 def _on_prepared_grid(masks: ChestMasks, box: Box, size: int) -> tuple[np.ndarray, np.ndarray]:
     """The evidence region (z, S, S) and the lung share per slice, sampled (nearest cell) on the prepared slices."""
     z0, z1, y0, y1, x0, x1 = box
