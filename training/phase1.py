@@ -41,6 +41,7 @@ from pe_triage_node.evaluation import delong_auroc
 from pe_triage_node.inference.networks import WindowEncoder
 from pe_triage_node.inference.volume import WINDOW_SLICES
 from training.attention import attention_loss
+from training.augment import augment_window
 from training.cache import CachedStudy, load_cached
 from training.common import autocast_for, load_checkpoint, pick_device, save_checkpoint, seed_everything, write_json
 
@@ -60,6 +61,7 @@ class Phase1Config:
     max_minutes: float | None = None  # stop after the epoch that passes this wall time (recorded)
     eval_batch: int = 32
     attention_lambda: float = 1.0  # weight of the attention loss on windows of studies with masks (0: off)
+    augment: bool = True  # the paper's random crop and +-15 degree rotation (training/augment.py)
     device: str = "auto"
     precision: str = "auto"
 
@@ -98,6 +100,14 @@ def _train_logits(model: WindowEncoder, x: torch.Tensor, device: torch.device, p
     # Grad-CAM of the logit on layer4, differentiable (WindowEncoder.forward's closed form)
     cam = torch.einsum("bcthw,c->bthw", a, model.fc.weight[0]) / (a.shape[2] * a.shape[3] * a.shape[4])
     return logit, cam
+
+
+def _training_window(st: CachedStudy, start: int, cfg: Phase1Config, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A training window (3, 10, S, S) and its mask (10, S, S) or ``None``, augmented when ``cfg.augment``."""
+    x, m = st.window(start), st.window_mask(start)
+    if cfg.augment:
+        x, m = augment_window(x, m, rng)
+    return x, m
 
 
 def _window_label(st: CachedStudy, start: int) -> float:
@@ -156,19 +166,21 @@ def train_phase1(cache_dir: Path, out_dir: Path, cfg: Phase1Config, *, show_prog
         torch.manual_seed(cfg.seed * 1000 + epoch)
         model.train()
         items = _epoch_windows(train, cfg, epoch)
+        aug_rng = np.random.default_rng([cfg.seed, epoch, 1])
         losses: list[float] = []
         att_losses: list[float] = []
         skipped = 0
         bar = tqdm(range(0, len(items), cfg.batch_size), desc=f"phase1 epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show_progress)
         for a in bar:
             chunk = items[a : a + cfg.batch_size]
-            x = torch.stack([train[i].window(s) for i, s in chunk]).to(device)
+            windows = [_training_window(train[i], s, cfg, aug_rng) for i, s in chunk]
+            x = torch.stack([w for w, _ in windows]).to(device)
             y = torch.tensor([_window_label(train[i], s) for i, s in chunk], device=device)
             logit, cam = _train_logits(model, x, device, cfg.precision)
             loss = F.binary_cross_entropy_with_logits(logit.float(), y)
             guided = [j for j, (i, _) in enumerate(chunk) if train[i].mask is not None]
             if cfg.attention_lambda > 0 and guided:
-                masks = torch.stack([train[chunk[j][0]].window_mask(chunk[j][1]) for j in guided]).to(device)  # type: ignore[misc]
+                masks = torch.stack([windows[j][1] for j in guided]).to(device)  # type: ignore[misc]
                 sel = torch.tensor(guided, device=device)
                 att = attention_loss(cam[sel], masks, y[sel])
                 loss = loss + cfg.attention_lambda * att * (len(guided) / len(chunk))
@@ -276,12 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--neg-ratio", type=float, default=1.0)
     ap.add_argument("--attention-lambda", type=float, default=1.0, help="weight of the attention loss where masks exist (0: classification loss only)")
     ap.add_argument("--max-minutes", type=float, default=None)
+    ap.add_argument("--no-augment", action="store_true", help="no random crop/rotation")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--features-only", action="store_true", help="only extract features from best.pt")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     if not args.features_only:
-        cfg = Phase1Config(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, neg_ratio=args.neg_ratio, max_minutes=args.max_minutes, attention_lambda=args.attention_lambda, device=args.device)
+        cfg = Phase1Config(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, neg_ratio=args.neg_ratio, max_minutes=args.max_minutes, attention_lambda=args.attention_lambda, augment=not args.no_augment, device=args.device)
         train_phase1(args.cache_dir, args.out_dir, cfg)
     print(extract_features(args.cache_dir, args.out_dir, device=args.device))
     return 0

@@ -9,6 +9,9 @@ positive slices), summed over the batch and divided by sum_i (N_i + 9).
 ``window_q_floor`` > 0 (default 0, the paper) lets negative studies' windows
 (q_i = 0) teach the window head too: q_i is replaced by max(q_i, floor).
 Adam 5e-4, x0.9 every 20 steps, batch 64, 200 epochs, keep the lowest validation loss.
+Each epoch ``partial_coverage`` (0.3) of the training studies are cut to a random
+contiguous run of their windows (:func:`epoch_sequences`), so short series and series
+that cover only part of the chest are seen in training; validation is never cut.
 Checkpoints: ``OUT/phase2_last.pt`` (resume), ``OUT/phase2_best.pt``.
 """
 
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 
 from pe_triage_node.inference.labels import CHALLENGE_WEIGHTS, STUDY_LABELS, WINDOW_LABEL
 from pe_triage_node.inference.networks import StudyModel, StudyModelSpec, fit_sequence, unfit_sequence
+from training.augment import partial_coverage
 from training.common import load_checkpoint, pick_device, save_checkpoint, seed_everything, write_json
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,7 @@ class Phase2Config:
     seed: int = 0
     padding: str = "symmetric"
     window_q_floor: float = 0.0
+    partial_coverage: float = 0.3  # share of training studies cut to a random run of their windows each epoch
     device: str = "auto"
 
 
@@ -87,6 +92,25 @@ def load_sequences(cache_dir: Path, phase1_dir: Path, split: str, length: int = 
         pps.append(npz[f"p{k}"])
         fs.append(f)
     return SequenceSet(torch.stack(xs), torch.stack(ms), torch.stack(wys), torch.stack(sys_), torch.tensor(qs), ns, wls, pps, fs)
+
+
+def epoch_sequences(data: SequenceSet, cfg: Phase2Config, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training sequences of one epoch: ``cfg.partial_coverage`` of the studies cut to a random
+    contiguous run of their windows (:func:`training.augment.partial_coverage`: short series,
+    series that cover part of the chest), refitted to the sequence length as the engine does."""
+    if cfg.partial_coverage <= 0:
+        return data.x, data.mask, data.window_y
+    rng = np.random.default_rng([cfg.seed, epoch, 2])
+    x, mask, wy = data.x.clone(), data.mask.clone(), data.window_y.clone()
+    length = x.shape[1]
+    for k, (f, wl) in enumerate(zip(data.features, data.window_labels)):
+        if len(f) < 2 or rng.random() >= cfg.partial_coverage:
+            continue
+        a, b = partial_coverage(wl, rng)
+        x[k], mask[k] = fit_sequence(torch.from_numpy(f[a:b]), length)
+        wseq, _ = fit_sequence(torch.from_numpy(wl[a:b])[:, None], length)
+        wy[k] = wseq[:, 0].clamp(0, 1)
+    return x, mask, wy
 
 
 def challenge_loss(window_logits: torch.Tensor, study_logits: torch.Tensor, mask: torch.Tensor, window_y: torch.Tensor, study_y: torch.Tensor, q: torch.Tensor, *, q_floor: float = 0.0) -> torch.Tensor:
@@ -138,11 +162,12 @@ def train_phase2(cache_dir: Path, phase1_dir: Path, out_dir: Path, cfg: Phase2Co
         torch.manual_seed(cfg.seed * 1000 + epoch)
         model.train()
         perm = torch.randperm(n)
+        ex, em, ewy = epoch_sequences(train, cfg, epoch)
         losses = []
         for a in range(0, n, cfg.batch_size):
             idx = perm[a : a + cfg.batch_size]
-            wl, sl, _ = model(train.x[idx].to(device), train.mask[idx].to(device))
-            loss = challenge_loss(wl, sl, train.mask[idx].to(device), train.window_y[idx].to(device), train.study_y[idx].to(device), train.q[idx].to(device), q_floor=cfg.window_q_floor)
+            wl, sl, _ = model(ex[idx].to(device), em[idx].to(device))
+            loss = challenge_loss(wl, sl, em[idx].to(device), ewy[idx].to(device), train.study_y[idx].to(device), train.q[idx].to(device), q_floor=cfg.window_q_floor)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -209,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--padding", choices=("symmetric", "causal"), default="symmetric")
     ap.add_argument("--window-q-floor", type=float, default=0.0)
+    ap.add_argument("--partial-coverage", type=float, default=0.3, help="share of studies cut to a random run of windows per epoch (0: never)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
-    cfg = Phase2Config(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, padding=args.padding, window_q_floor=args.window_q_floor, device=args.device)
+    cfg = Phase2Config(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, padding=args.padding, window_q_floor=args.window_q_floor, partial_coverage=args.partial_coverage, device=args.device)
     print(json.dumps(train_phase2(args.cache_dir, args.phase1_dir, args.out_dir, cfg), indent=1))
     return 0
 

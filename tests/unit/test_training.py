@@ -129,3 +129,61 @@ def test_pipeline_end_to_end_tiny(tmp_path: Path) -> None:
     assert result.geometry["input_size"] == 32
     assert set(result.probabilities) == set(STUDY_LABELS)
     assert np.isfinite(result.window_probabilities).all()
+
+
+def test_augmentation_moves_window_and_mask_together() -> None:
+    from training.augment import augment_window
+
+    x = torch.zeros(3, 10, 64, 64)
+    mask = torch.zeros(10, 64, 64)
+    x[:, 3:6, 10:18, 40:50] = 1.0  # a bright lesion off-centre
+    mask[3:6, 10:18, 40:50] = 1.0
+    same, same_mask = augment_window(x, mask, np.random.default_rng(0), max_rotation_deg=0.0, max_shift=0.0)
+    assert torch.allclose(same, x, atol=1e-5) and same_mask is not None and torch.equal(same_mask, mask)
+    moved = 0
+    for seed in range(8):
+        xa, ma = augment_window(x, mask, np.random.default_rng(seed))
+        assert xa.shape == x.shape and ma is not None and ma.shape == mask.shape
+        assert float(xa[0][ma > 0].mean()) > 0.6  # the mask still lies on the lesion
+        assert float(ma.sum()) > 0.5 * float(mask.sum())
+        moved += int(not torch.equal(ma, mask))
+    assert moved >= 6
+    xa, none = augment_window(x, None, np.random.default_rng(1))
+    assert none is None
+
+
+def test_partial_coverage_keeps_a_positive_window_and_a_minimum_run() -> None:
+    from training.augment import partial_coverage
+
+    labels = np.zeros(30, dtype=np.float32)
+    labels[[4, 25]] = 1
+    rng = np.random.default_rng(0)
+    lengths = set()
+    for _ in range(200):
+        a, b = partial_coverage(labels, rng)
+        assert 0 <= a < b <= 30 and b - a >= 9
+        assert labels[a:b].any()
+        lengths.add(b - a)
+    assert min(lengths) < 15 and max(lengths) == 30
+    a, b = partial_coverage(np.zeros(2, dtype=np.float32), rng)
+    assert (a, b) == (0, 2)
+
+
+def test_epoch_sequences_cut_some_studies_and_pad_them() -> None:
+    from pe_triage_node.inference.networks import fit_sequence
+    from training.phase2 import Phase2Config, SequenceSet, epoch_sequences
+
+    rng = np.random.default_rng(0)
+    feats = [rng.standard_normal((n, 8)).astype(np.float32) for n in (12, 50, 30)]
+    wls = [np.zeros(len(f), dtype=np.float32) for f in feats]
+    wls[1][20:24] = 1
+    fitted = [fit_sequence(torch.from_numpy(f), 40) for f in feats]
+    data = SequenceSet(
+        torch.stack([s for s, _ in fitted]), torch.stack([m for _, m in fitted]), torch.zeros(3, 40), torch.zeros(3, 9), torch.zeros(3), [len(f) for f in feats], wls, [w.copy() for w in wls], feats
+    )
+    x, mask, wy = epoch_sequences(data, Phase2Config(partial_coverage=0.0), 0)
+    assert x is data.x
+    x, mask, wy = epoch_sequences(data, Phase2Config(partial_coverage=1.0, seed=3), 0)
+    assert x.shape == data.x.shape and (mask.sum(dim=1) <= data.mask.sum(dim=1)).all()
+    assert (mask.sum(dim=1) < data.mask.sum(dim=1)).any()  # some study is shorter now (padded with a mask)
+    assert float(wy[1].max()) > 0  # the positive study kept a positive window
