@@ -1,4 +1,5 @@
-"""``pe-triage demo``: a phantom CTPA with a central PE in, the node's SR back, findings and time printed.
+"""``pe-triage demo``: a phantom CTPA in (``--case central|left|right|negative``; central PE by default),
+the node's SR back, findings and time printed beside what a correct answer would be.
 
 Two ways to run it:
 
@@ -49,6 +50,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen-ae", default="DEMO", help="AE title of the demo's receiver (the node's destination)")
     p.add_argument("--listen-host", default=None, help="interface of the demo's receiver (default: 0.0.0.0 with --node, else 127.0.0.1)")
     p.add_argument("--listen-port", type=int, default=None, help="port of the demo's receiver (default: 11113 with --node, else a free one)")
+    p.add_argument("--case", choices=sorted(DEMO_CASES), default="central",
+                   help="the phantom to send: " + "; ".join(f"{k}: {c.description}" for k, c in DEMO_CASES.items()) + " (default central)")
     p.add_argument("--slices", type=int, default=64, help="slices of the phantom (small phantom, 128 x 128)")
     p.add_argument("--seed", type=int, default=None, help="phantom seed (default: new each run)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the SR")
@@ -132,18 +135,50 @@ class DemoReceiver:
 # -- the phantom -------------------------------------------------------------------------
 
 
-def central_pe_phantom(out_dir: Path, *, slices: int, seed: int | None) -> tuple[Path, str, int]:
-    """Write a small phantom CTPA with an acute central PE; returns (series folder, study UID, seed)."""
+@dataclass(frozen=True)
+class DemoCase:
+    """One kind of phantom the demo can send, and what a correct node answers."""
+
+    description: str
+    category: str  # the generator's study category
+    sides: frozenset[str] | None  # embolus sides the phantom must show (None: no embolus)
+    expected: str  # what the SR should say, printed beside the answer
+    only: bool = True  # those sides and no other
+
+    def matches(self, sides: set[str]) -> bool:
+        if self.sides is None:
+            return not sides
+        return sides == self.sides if self.only else self.sides <= sides
+
+
+DEMO_CASES: dict[str, DemoCase] = {
+    "central": DemoCase("acute central PE", "positive", frozenset({"central"}), "PE present, central; STAT", only=False),
+    "left": DemoCase("acute PE, left lung only", "positive", frozenset({"left"}), "PE present, left-sided"),
+    "right": DemoCase("acute PE, right lung only", "positive", frozenset({"right"}), "PE present, right-sided"),
+    "negative": DemoCase("no pulmonary embolism", "negative", None, "no PE; ROUTINE"),
+}
+
+
+def demo_phantom(case: str, out_dir: Path, *, slices: int, seed: int | None) -> tuple[Path, str, int]:
+    """Write a small phantom CTPA of ``case`` (:data:`DEMO_CASES`); returns (series folder, study UID, seed).
+
+    The phantom is rendered and its labels checked (an embolus too small for the grid is dropped
+    by the renderer), so the case is what the labels say, starting from ``seed``."""
     from pe_triage_node.synth.phantom import render_phantom, sample_spec
     from pe_triage_node.synth.rspect import write_phantom_study
 
+    want = DEMO_CASES[case]
     start = seed if seed is not None else int.from_bytes(os.urandom(3), "big")
     for s in range(start, start + 500):
-        spec = sample_spec(s, size="small", slices=slices, category="positive", pe_type="acute")
-        if any(e.side == "central" for e in spec.emboli):
-            written = write_phantom_study(render_phantom(spec), out_dir, split="demo")
-            return written.series_dir, written.study_instance_uid, s
-    raise RuntimeError("no central-PE phantom found among 500 seeds")
+        spec = sample_spec(s, size="small", slices=slices, category=want.category, pe_type="acute" if want.sides else None)  # type: ignore[arg-type]
+        if not want.matches({e.side for e in spec.emboli}):
+            continue
+        phantom = render_phantom(spec)
+        if not want.matches({e.side for e in phantom.emboli}) or phantom.pe_positive != (want.sides is not None):
+            continue
+        written = write_phantom_study(phantom, out_dir, split="demo")
+        return written.series_dir, written.study_instance_uid, s
+    raise RuntimeError(f"no {want.description} phantom found among 500 seeds")
 
 
 def send_series(folder: Path, host: str, port: int, *, called_ae: str, calling_ae: str) -> float:
@@ -254,8 +289,9 @@ def run_demo(args: argparse.Namespace) -> int:
     node: subprocess.Popen[bytes] | None = None
     receiver = DemoReceiver(args.listen_ae, listen_host, listen_port, keep=(args.keep / "received") if args.keep else None)
     try:
-        series_dir, study_uid, seed = central_pe_phantom(args.keep or tmp, slices=args.slices, seed=args.seed)
-        print(f"phantom CTPA (central PE, seed {seed}): {len(list(series_dir.glob('*.dcm')))} slices")
+        case = DEMO_CASES[args.case]
+        series_dir, study_uid, seed = demo_phantom(args.case, args.keep or tmp, slices=args.slices, seed=args.seed)
+        print(f"phantom CTPA ({case.description}, seed {seed}): {len(list(series_dir.glob('*.dcm')))} slices")
         if self_contained:
             from pe_triage_node.config import load_config
             from pe_triage_node.inference.weights import default_manifest_path
@@ -290,6 +326,7 @@ def run_demo(args: argparse.Namespace) -> int:
         for line in sr_lines(sr.dataset):
             print(f"  {line}")
         print(f"  + {sum(1 for o in others if o.dataset.get('Modality') != SR_MODALITY)} secondary capture(s)")
+        print(f"  (the phantom: {case.description}; a correct answer: {case.expected})")
         print()
         print(f"SR back {took:.1f} s after the last instance was acknowledged. NOT FOR DIAGNOSTIC USE.")
         return 0

@@ -1,0 +1,39 @@
+"""``pe-triage demo --case``: each case's phantom is what its labels say (rendered, not only drawn)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pe_triage_node.services.demo import DEMO_CASES, demo_phantom
+from pe_triage_node.synth.phantom import render_phantom, sample_spec
+
+EXPECTED = {
+    "central": {"central_pe": 1},
+    "left": {"leftsided_pe": 1, "rightsided_pe": 0, "central_pe": 0},
+    "right": {"rightsided_pe": 1, "leftsided_pe": 0, "central_pe": 0},
+    "negative": {"negative_exam_for_pe": 1, "central_pe": 0, "leftsided_pe": 0, "rightsided_pe": 0},
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEMO_CASES))
+def test_demo_case_phantom_has_the_case_labels(case: str, tmp_path: Path) -> None:
+    series, study_uid, seed = demo_phantom(case, tmp_path, slices=40, seed=7)
+    assert len(list(series.glob("*.dcm"))) == 40 and study_uid
+    want = DEMO_CASES[case]
+    labels = render_phantom(sample_spec(seed, size="small", slices=40, category=want.category, pe_type="acute" if want.sides else None)).labels.as_dict()  # type: ignore[arg-type]
+    assert {k: labels[k] for k in EXPECTED[case]} == EXPECTED[case]
+
+
+def test_demo_cli_offers_the_cases() -> None:
+    import argparse
+
+    from pe_triage_node.services.demo import add_demo_arguments
+
+    p = argparse.ArgumentParser()
+    add_demo_arguments(p)
+    assert p.parse_args([]).case == "central"
+    assert p.parse_args(["--case", "negative"]).case == "negative"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--case", "elsewhere"])
