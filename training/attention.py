@@ -53,8 +53,13 @@ def continuous_dice_loss(a: torch.Tensor, m: torch.Tensor, eps: float = 1.0) -> 
     return 1.0 - cdc
 
 
-def attention_loss(cam: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Mean attention loss of a batch: ``cam`` (B, T', H', W') raw Grad-CAM, ``mask`` (B, T, H, W) voxels, ``label`` (B,)."""
+def attention_losses(cam: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Attention loss per window (B,): ``cam`` (B, T', H', W') raw Grad-CAM, ``mask`` (B, T, H, W) voxels, ``label`` (B,)."""
     cells = mask_to_cells(mask, tuple(cam.shape[1:]))  # type: ignore[arg-type]
     cells = cells * (label.view(-1, 1, 1, 1) > 0)  # negative windows: an all-zero mask
-    return continuous_dice_loss(normalised_cam(cam.float(), label), cells, eps).mean()
+    return continuous_dice_loss(normalised_cam(cam if cam.dtype == torch.float64 else cam.float(), label), cells.to(cam.dtype if cam.dtype == torch.float64 else torch.float32), eps)
+
+
+def attention_loss(cam: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Mean of :func:`attention_losses` over a batch."""
+    return attention_losses(cam, mask, label, eps).mean()
