@@ -442,7 +442,8 @@ class EmbolusMask:
 
     def positive_sops(self) -> set[str]:
         """SOP instances whose plane holds an embolus voxel."""
-        return {u for u, any_ in zip(self.sop_instance_uids, self.planes.reshape(len(self.planes), -1).any(axis=1)) if any_}
+        flags = np.asarray(self.planes.reshape(len(self.planes), -1).any(axis=1), dtype=bool).tolist()
+        return {u for u, any_ in zip(self.sop_instance_uids, flags) if any_}
 
 
 def write_embolus_mask(path: Path, planes: np.ndarray, sop_instance_uids: Sequence[str]) -> Path:
