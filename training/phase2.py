@@ -198,7 +198,7 @@ def train_phase2(cache_dir: Path, phase1_dir: Path, out_dir: Path, cfg: Phase2Co
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(part) if scale else 0.0)  # summed over the ranks: the batch's loss
+            losses.append(float(part.detach()) if scale else 0.0)  # summed over the ranks: the batch's loss
         train_loss = float(np.sum(ctx.gather([float(np.mean(losses))]))) if ctx.world > 1 else float(np.mean(losses))
         vl = _val_loss(model, val, cfg, device)
         history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_loss": round(vl, 5)})
