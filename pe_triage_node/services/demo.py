@@ -52,7 +52,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen-port", type=int, default=None, help="port of the demo's receiver (default: 11113 with --node, else a free one)")
     p.add_argument("--case", choices=sorted(DEMO_CASES), default="central",
                    help="the phantom to send: " + "; ".join(f"{k}: {c.description}" for k, c in DEMO_CASES.items()) + " (default central)")
-    p.add_argument("--slices", type=int, default=64, help="slices of the phantom (small phantom, 128 x 128)")
+    p.add_argument("--slices", type=int, default=64,
+                   help="slices of the phantom (small phantom, 128 x 128; more when needed for slices of at most 3 mm)")
     p.add_argument("--seed", type=int, default=None, help="phantom seed (default: new each run)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the SR")
     p.add_argument("--random-weights", action="store_true", help="self-contained node with random weights (meaningless findings)")
@@ -159,6 +160,11 @@ DEMO_CASES: dict[str, DemoCase] = {
 }
 
 
+# The node's default selection refuses reconstructions thicker than 3 mm as CTPA
+# (selection.max_slice_thickness_mm): the demo's phantom stays within it.
+DEMO_MAX_SLICE_MM = 3.0
+
+
 def demo_phantom(case: str, out_dir: Path, *, slices: int, seed: int | None) -> tuple[Path, str, int]:
     """Write a small phantom CTPA of ``case`` (:data:`DEMO_CASES`); returns (series folder, study UID, seed).
 
@@ -170,7 +176,10 @@ def demo_phantom(case: str, out_dir: Path, *, slices: int, seed: int | None) -> 
     want = DEMO_CASES[case]
     start = seed if seed is not None else int.from_bytes(os.urandom(3), "big")
     for s in range(start, start + 500):
-        spec = sample_spec(s, size="small", slices=slices, category=want.category, pe_type="acute" if want.sides else None)  # type: ignore[arg-type]
+        spec = sample_spec(
+            s, size="small", slices=slices, category=want.category, pe_type="acute" if want.sides else None,  # type: ignore[arg-type]
+            max_slice_spacing_mm=DEMO_MAX_SLICE_MM,
+        )
         if not want.matches({e.side for e in spec.emboli}):
             continue
         phantom = render_phantom(spec)

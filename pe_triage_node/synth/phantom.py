@@ -764,8 +764,13 @@ def sample_spec(
     category: Category | None = None,
     pe_type: PEType | None = None,
     mix: dict[str, float] | None = None,
+    max_slice_spacing_mm: float | None = None,
 ) -> PhantomSpec:
     """Draw a complete study description from ``np.random.default_rng(seed)``.
+
+    ``max_slice_spacing_mm`` (small studies): more slices than ``slices`` asks for when
+    needed to keep the spacing (and thickness) at most this (a node refuses thick
+    reconstructions as CTPA, 3 mm by default).
 
     ``size`` "small": 128² pixels, 64–96 slices of 2.5–4.5 mm (CPU training,
     tests); "full": 512², 200–400 slices of 0.6–1.5 mm spacing (thickness up
@@ -823,6 +828,8 @@ def sample_spec(
     if size == "small":
         nxy = 128
         n = int(rng.integers(n_lo, n_hi + 1))
+        if max_slice_spacing_mm is not None and span / n > max_slice_spacing_mm:
+            n = int(math.ceil(span / max_slice_spacing_mm))
         dz = float(np.clip(span / n, 2.0, 5.0))
         thick = dz
     else:

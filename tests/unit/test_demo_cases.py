@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pe_triage_node.services.demo import DEMO_CASES, demo_phantom
+import pydicom
+
+from pe_triage_node.services.demo import DEMO_CASES, DEMO_MAX_SLICE_MM, demo_phantom
 from pe_triage_node.synth.phantom import render_phantom, sample_spec
 
 EXPECTED = {
@@ -20,9 +22,13 @@ EXPECTED = {
 @pytest.mark.parametrize("case", sorted(DEMO_CASES))
 def test_demo_case_phantom_has_the_case_labels(case: str, tmp_path: Path) -> None:
     series, study_uid, seed = demo_phantom(case, tmp_path, slices=40, seed=7)
-    assert len(list(series.glob("*.dcm"))) == 40 and study_uid
+    files = sorted(series.glob("*.dcm"))
+    assert len(files) >= 40 and study_uid
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert float(ds.SliceThickness) <= DEMO_MAX_SLICE_MM  # the node's default selection takes it as a CTPA
     want = DEMO_CASES[case]
-    labels = render_phantom(sample_spec(seed, size="small", slices=40, category=want.category, pe_type="acute" if want.sides else None)).labels.as_dict()  # type: ignore[arg-type]
+    spec = sample_spec(seed, size="small", slices=40, category=want.category, pe_type="acute" if want.sides else None, max_slice_spacing_mm=DEMO_MAX_SLICE_MM)  # type: ignore[arg-type]
+    labels = render_phantom(spec).labels.as_dict()
     assert {k: labels[k] for k in EXPECTED[case]} == EXPECTED[case]
 
 
