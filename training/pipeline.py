@@ -179,7 +179,7 @@ def run_pipeline(
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
     """What of a report goes into the manifest (everything but file paths and failures lists)."""
-    keep = ("n_studies", "n_windows", "metrics", "phase1_window", "study_pe_detection", "subsegmental_only", "consistent_labels", "ci_method", "window_labels", "data", "seconds")
+    keep = ("n_studies", "n_windows", "metrics", "phase1_window", "study_pe_detection", "subsegmental_only", "pointing_game", "consistent_labels", "ci_method", "window_labels", "data", "seconds")
     return {k: report[k] for k in keep if k in report}
 
 
