@@ -169,13 +169,15 @@ def demo_phantom(case: str, out_dir: Path, *, slices: int, seed: int | None) -> 
     """Write a small phantom CTPA of ``case`` (:data:`DEMO_CASES`); returns (series folder, study UID, seed).
 
     The phantom is rendered and its labels checked (an embolus too small for the grid is dropped
-    by the renderer), so the case is what the labels say, starting from ``seed``."""
-    from pe_triage_node.synth.phantom import render_phantom, sample_spec
+    by the renderer), so the case is what the labels say; the candidates are
+    ``study_seed(seed, k)``, k = 0, 1, ..., so different seeds give different phantoms."""
+    from pe_triage_node.synth.phantom import render_phantom, sample_spec, study_seed
     from pe_triage_node.synth.rspect import write_phantom_study
 
     want = DEMO_CASES[case]
     start = seed if seed is not None else int.from_bytes(os.urandom(3), "big")
-    for s in range(start, start + 500):
+    # candidates study_seed(seed, 0), (seed, 1), ...: each --seed its own phantom, even for rare cases
+    for s in (study_seed(start, k) for k in range(500)):
         spec = sample_spec(
             s, size="small", slices=slices, category=want.category, pe_type="acute" if want.sides else None,  # type: ignore[arg-type]
             max_slice_spacing_mm=DEMO_MAX_SLICE_MM,

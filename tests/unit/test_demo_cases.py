@@ -43,3 +43,8 @@ def test_demo_cli_offers_the_cases() -> None:
     assert p.parse_args(["--case", "negative"]).case == "negative"
     with pytest.raises(SystemExit):
         p.parse_args(["--case", "elsewhere"])
+
+
+def test_different_seeds_give_different_central_phantoms(tmp_path: Path) -> None:
+    seeds = {demo_phantom("central", tmp_path / str(s), slices=40, seed=s)[2] for s in (1, 2, 3)}
+    assert len(seeds) == 3
