@@ -18,7 +18,9 @@ the Kaggle layout and the phantoms'), compares the window probabilities with
 window labels derived from the per-slice ``pe_present_on_image`` (a window is
 positive when any source slice it covers is) and the study probabilities with
 the CSV's study labels, and writes the report. When ``phantoms.json`` is
-present, studies whose emboli are all subsegmental are also reported alone.
+present, studies whose emboli are all subsegmental are also reported alone. When the
+set ships embolus masks (``<split>_masks/``, as the phantoms do), the pointing game is
+reported for its positive studies (:func:`pointing_game`).
 """
 
 from __future__ import annotations
@@ -243,6 +245,7 @@ class StudyPrediction:
     phase1_window_probabilities: list[float] = field(default_factory=list)
     labels: dict[str, bool] | None = None  # consistent labels from the engine, when run through it
     subsegmental_only: bool = False
+    pointing: dict[str, Any] | None = None  # positive studies with a mask: see :func:`pointing_hit`
 
 
 def build_report(
@@ -287,6 +290,7 @@ def build_report(
             for k in STUDY_LABELS
         }
     report["subsegmental_only"] = _subsegmental(predictions, thresholds, called)
+    report["pointing_game"] = pointing_game(predictions)
     if roc_dir is not None:
         for k, (y, s) in curves.items():
             roc[k] = str(write_roc_png(Path(roc_dir) / f"roc_{k}.png", y, s, f"{k} ({metrics[k]['level']} level)", thresholds[k]))
@@ -294,6 +298,52 @@ def build_report(
     if extra:
         report.update(extra)
     return report
+
+
+POINTING_RADIUS_MM = 10.0
+
+
+def pointing_hit(mask_zyx: np.ndarray, spacing: tuple[float, float, float], positions_mm: Sequence[float], peak: tuple[int, float, float] | None) -> dict[str, Any]:
+    """Does a Grad-CAM peak (slice index, row, column) lie within :data:`POINTING_RADIUS_MM` of an embolus voxel?
+
+    ``mask_zyx`` is the embolus mask in the volume's slice order and each plane's stored pixel
+    grid (the grid the engine's peaks are given in); distances in mm from the slice positions
+    and the in-plane spacing. ``peak`` ``None``: the engine showed no map (a miss).
+    """
+    if peak is None:
+        return {"has_map": False, "hit": False, "distance_mm": None}
+    kk, rr, cc = np.nonzero(mask_zyx)
+    z, row, col = peak
+    pos = np.asarray(positions_mm, dtype=np.float64)
+    d = np.sqrt(((pos[kk] - pos[z]) ** 2) + ((rr - row) * spacing[1]) ** 2 + ((cc - col) * spacing[2]) ** 2)
+    dist = float(d.min())
+    return {"has_map": True, "hit": dist <= POINTING_RADIUS_MM, "distance_mm": round(dist, 1)}
+
+
+def pointing_game(predictions: Sequence[StudyPrediction]) -> dict[str, Any]:
+    """The pointing game over positive studies with embolus masks: share whose Grad-CAM peak is within 10 mm of
+    an embolus voxel. A study the engine called negative shows no map and counts as a miss; the share among
+    studies with a map is given too."""
+    rec = [p.pointing for p in predictions if p.pointing is not None]
+    n = len(rec)
+    out: dict[str, Any] = {
+        "radius_mm": POINTING_RADIUS_MM,
+        "rule": "peak of the Grad-CAM secondary capture of the top window (pe_present_on_image's, else the first finding's) within 10 mm of an embolus voxel",
+        "n_studies": n,
+    }
+    if n == 0:
+        out["note"] = "no positive study with an embolus mask (<split>_masks/) in this set"
+        return out
+    hits = sum(bool(r["hit"]) for r in rec)
+    mapped = [r for r in rec if r["has_map"]]
+    lo, hi = wilson_interval(hits, n)
+    out.update(hits=hits, fraction=hits / n, ci95=[lo, hi], n_with_map=len(mapped))
+    if mapped:
+        mh = sum(bool(r["hit"]) for r in mapped)
+        mlo, mhi = wilson_interval(mh, len(mapped))
+        dists = [float(r["distance_mm"]) for r in mapped]
+        out.update(hits_with_map=mh, fraction_with_map=mh / len(mapped), fraction_with_map_ci95=[mlo, mhi], median_distance_mm=round(float(np.median(dists)), 1))
+    return out
 
 
 def _called_positive(p: StudyPrediction, thresholds: Mapping[str, float]) -> bool:
@@ -357,6 +407,62 @@ class RspectStudy:
     series_dir: Path
     slice_labels: dict[str, int]  # SOPInstanceUID -> pe_present_on_image
     labels: dict[str, int]  # nine study labels
+    mask_path: Path | None = None  # the series' embolus mask, when the data set ships one
+
+
+# Embolus masks beside the CSV: ``<split>_masks/<SeriesInstanceUID>.npz`` holding ``embolus``
+# (uint8, one plane per SOP instance in the pixel grid its DICOM file stores; 0 background,
+# k the k-th embolus) and ``sop_instance_uids`` (the plane order).
+MASK_FORMAT = "pe-triage-embolus-mask/1"
+
+
+def mask_path(data_dir: Path, split: str, series_instance_uid: str) -> Path:
+    """Where the embolus mask of a series lies (the UID is checked before it names a file)."""
+    from pe_triage_node.dicom.uids import validate_uid
+
+    return Path(data_dir) / f"{split}_masks" / f"{validate_uid(series_instance_uid, 'SeriesInstanceUID')}.npz"
+
+
+@dataclass
+class EmbolusMask:
+    """A series' embolus voxels: ``planes[k]`` belongs to ``sop_instance_uids[k]`` (its stored pixel grid)."""
+
+    planes: np.ndarray  # uint8 (n, rows, columns)
+    sop_instance_uids: list[str]
+
+    def aligned(self, sop_order: Sequence[str]) -> np.ndarray:
+        """The planes in ``sop_order`` (e.g. a loaded volume's z order); empty planes for SOPs the mask lacks."""
+        at = {u: k for k, u in enumerate(self.sop_instance_uids)}
+        out = np.zeros((len(sop_order), *self.planes.shape[1:]), dtype=self.planes.dtype)
+        for i, u in enumerate(sop_order):
+            k = at.get(u)
+            if k is not None:
+                out[i] = self.planes[k]
+        return out
+
+    def positive_sops(self) -> set[str]:
+        """SOP instances whose plane holds an embolus voxel."""
+        flags = np.asarray(self.planes.reshape(len(self.planes), -1).any(axis=1), dtype=bool).tolist()
+        return {u for u, any_ in zip(self.sop_instance_uids, flags) if any_}
+
+
+def write_embolus_mask(path: Path, planes: np.ndarray, sop_instance_uids: Sequence[str]) -> Path:
+    """Write an :class:`EmbolusMask` (compressed npz, written atomically)."""
+    if planes.ndim != 3 or len(planes) != len(sop_instance_uids):
+        raise ValueError(f"mask planes {planes.shape} do not match {len(sop_instance_uids)} SOP instances")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, format=np.array(MASK_FORMAT), embolus=planes.astype(np.uint8), sop_instance_uids=np.array(list(sop_instance_uids)))
+    tmp.replace(path)
+    return path
+
+
+def read_embolus_mask(path: Path) -> EmbolusMask:
+    """Read a mask written by :func:`write_embolus_mask` (no pickles)."""
+    with np.load(path, allow_pickle=False) as z:
+        if str(z["format"]) != MASK_FORMAT:
+            raise ValueError(f"{path.name}: not a {MASK_FORMAT} file")
+        return EmbolusMask(np.asarray(z["embolus"]), [str(u) for u in z["sop_instance_uids"]])
 
 
 def read_rspect(data_dir: Path, split: str = "train") -> list[RspectStudy]:
@@ -379,6 +485,15 @@ def read_rspect(data_dir: Path, split: str = "train") -> list[RspectStudy]:
                 )
                 studies[key] = st
             st.slice_labels[row["SOPInstanceUID"]] = int(float(row[WINDOW_LABEL]))
+    if (Path(data_dir) / f"{split}_masks").is_dir():
+        from pe_triage_node.errors import InputRejected
+
+        for st in studies.values():
+            try:
+                path = mask_path(data_dir, split, st.series_instance_uid)
+            except InputRejected:  # a UID that cannot name a file has no mask
+                continue
+            st.mask_path = path if path.is_file() else None
     return list(studies.values())
 
 
@@ -420,6 +535,13 @@ def evaluate_with_engine(
             continue
         src = [st.slice_labels.get(uid, 0) for uid in volume.sop_instance_uids]
         spans = [w.source_slices for w in result.windows]
+        pointing = None
+        if st.mask_path is not None:
+            mask = read_embolus_mask(st.mask_path).aligned(volume.sop_instance_uids)
+            if mask.any():
+                maps = sorted(result.gradcam, key=lambda g: WINDOW_LABEL not in g.labels)
+                peak = (maps[0].source_slice_index, maps[0].peak_row, maps[0].peak_column) if maps else None
+                pointing = pointing_hit(mask, volume.spacing, volume.positions_mm, peak)
         preds.append(
             StudyPrediction(
                 study_instance_uid=st.study_instance_uid,
@@ -431,6 +553,7 @@ def evaluate_with_engine(
                 phase1_window_probabilities=list(result.phase1_window_probabilities),
                 labels=dict(result.labels),
                 subsegmental_only=bool(subsegmental and st.study_instance_uid in subsegmental),
+                pointing=pointing,
             )
         )
         if progress is not None:
@@ -486,6 +609,14 @@ def metrics_table(report: Mapping[str, Any]) -> str:
         sens = "n/a" if m["sensitivity"] is None else f"{m['sensitivity']:.3f}"
         spec = "n/a" if m["specificity"] is None else f"{m['specificity']:.3f}"
         lines.append(f"| {k} | {m['level']} | {auc} | {ci} | {m['threshold']:.3f} | {sens} | {spec} | {m['n_positive']}/{m['n_negative']} |")
+    pg = report.get("pointing_game")
+    if pg and pg.get("n_studies"):
+        lines.append("")
+        lines.append(
+            f"Pointing game (Grad-CAM peak within {pg['radius_mm']:.0f} mm of an embolus, {pg['n_studies']} positive studies with masks): "
+            f"{pg['fraction']:.3f} (95% CI {pg['ci95'][0]:.3f}-{pg['ci95'][1]:.3f}); among the {pg['n_with_map']} studies with a map: "
+            + (f"{pg['fraction_with_map']:.3f}" if pg.get("fraction_with_map") is not None else "n/a")
+        )
     return "\n".join(lines)
 
 

@@ -11,6 +11,9 @@ train and serve cannot drift). Cached per study, in ``CACHE/<split>/``:
   when a window is cut, exactly as :meth:`PreparedStudy.window_batch` does);
 * ``<k>.labels.npy`` — ``pe_present_on_image`` per prepared slice (uint8), taken from
   the nearest source slice (:meth:`PreparedStudy.source_slice`);
+* ``<k>.mask.npy`` — when the data set ships embolus masks (``<split>_masks/``, the
+  phantoms do): the mask on the prepared slices (:func:`~pe_triage_node.inference.preprocess.prepare_mask`),
+  bit-packed along x; the entry's ``mask`` is ``None`` for studies without one (the RSNA download);
 
 and ``index.json`` with each study's UIDs, study labels, q_i (share of positive
 source slices), window count and crop method. Studies already cached are skipped
@@ -29,13 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pe_triage_node.evaluation import read_rspect
+from pe_triage_node.evaluation import read_embolus_mask, read_rspect
 from pe_triage_node.inference.volume import WINDOW_SLICES
 from training.common import write_json
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "pe-triage-cache/1"
+CACHE_FORMAT = "pe-triage-cache/2"
 
 
 def cache_split(
@@ -53,7 +56,7 @@ def cache_split(
     from tqdm import tqdm
 
     from pe_triage_node.errors import InputRejected
-    from pe_triage_node.inference.preprocess import LungmaskBox, find_lungmask_weights, prepare_study
+    from pe_triage_node.inference.preprocess import LungmaskBox, find_lungmask_weights, prepare_mask, prepare_study
     from pe_triage_node.inference.volume import load_ct_volume
 
     out = Path(cache_dir) / (name or split)
@@ -77,7 +80,8 @@ def cache_split(
     rejected: list[dict[str, str]] = []
     for k, st in enumerate(tqdm(studies, desc=f"cache {split}", unit="study", disable=not show_progress)):
         done = old.get(st.series_instance_uid)
-        if done is not None and (out / done["slices"]).is_file() and (out / done["labels"]).is_file():
+        has_mask = done is not None and ("mask" in done) and (done["mask"] is None) == (st.mask_path is None)
+        if done is not None and has_mask and (out / done["slices"]).is_file() and (out / done["labels"]).is_file():
             entries.append(done)
             continue
         try:
@@ -95,6 +99,11 @@ def cache_split(
         stem = f"{k:06d}"
         np.save(out / f"{stem}.slices.npy", prepared.slices.numpy().astype(np.float16))
         np.save(out / f"{stem}.labels.npy", slice_labels)
+        mask_file = None
+        if st.mask_path is not None:
+            planes = read_embolus_mask(st.mask_path).aligned(volume.sop_instance_uids)
+            mask_file = f"{stem}.mask.npy"
+            np.save(out / mask_file, np.packbits(prepare_mask(planes, volume, prepared).numpy(), axis=-1))
         entries.append(
             {
                 "study_instance_uid": st.study_instance_uid,
@@ -107,6 +116,7 @@ def cache_split(
                 "q": float(src.mean()) if len(src) else 0.0,
                 "study_labels": st.labels,
                 "lung_crop_method": prepared.lung_crop_method,
+                "mask": mask_file,
             }
         )
     index = {
@@ -116,6 +126,7 @@ def cache_split(
         "input_size": input_size,
         "lung_crop": lung_crop,
         "studies": entries,
+        "studies_with_masks": sum(1 for e in entries if e.get("mask")),
         "rejected": rejected,
     }
     write_json(index_path, index)
@@ -129,6 +140,16 @@ class CachedStudy:
     slices: torch.Tensor  # (z, S, S) float16 HU
     slice_labels: torch.Tensor  # (z,) uint8
     entry: dict[str, Any]
+    mask: torch.Tensor | None = None  # (z, S, S) bool embolus voxels; None: the data set has no masks
+
+    def window_mask(self, start: int) -> torch.Tensor | None:
+        """The embolus mask of the 10 slices from ``start``, (10, S, S) float, zero-padded; ``None`` without masks."""
+        if self.mask is None:
+            return None
+        m = self.mask[start : start + WINDOW_SLICES].float()
+        if m.shape[0] < WINDOW_SLICES:
+            m = torch.nn.functional.pad(m, (0, 0, 0, 0, 0, WINDOW_SLICES - m.shape[0]))
+        return m
 
     @property
     def n_windows(self) -> int:
@@ -164,10 +185,14 @@ def load_cached(cache_dir: Path, split: str) -> tuple[list[CachedStudy], dict[st
 
     out = Path(cache_dir) / split
     index = json.loads((out / "index.json").read_text())
-    studies = [
-        CachedStudy(torch.from_numpy(np.load(out / e["slices"])), torch.from_numpy(np.load(out / e["labels"])), e)
-        for e in index["studies"]
-    ]
+    studies = []
+    for e in index["studies"]:
+        slices = torch.from_numpy(np.load(out / e["slices"]))
+        mask = None
+        if e.get("mask"):
+            side = int(slices.shape[-1])
+            mask = torch.from_numpy(np.unpackbits(np.load(out / e["mask"]), axis=-1, count=side).astype(bool))
+        studies.append(CachedStudy(slices, torch.from_numpy(np.load(out / e["labels"])), e, mask))
     return studies, index
 
 

@@ -1,4 +1,12 @@
-"""Step 2: phase 1 — r3d_18 on 10-slice windows, BCE on the window label; and step 3: feature extraction.
+"""Step 2: phase 1 — r3d_18 on 10-slice windows, BCE on the window label (+ the attention loss where
+embolus masks exist); and step 3: feature extraction.
+
+Attention-guided (seeds/001 section 2.1, :mod:`training.attention`): windows of studies
+whose data set ships embolus masks (the phantoms) add ``attention_lambda`` (1) x
+(1 - continuous Dice) between the Grad-CAM map of the positive logit on ``layer4``
+and the mask on that grid (all zeros for negative windows); studies without masks
+(the RSNA download) train with the BCE alone. ``phase1.json`` (and the weights'
+manifest) records lambda and how many training studies had masks.
 
 Defaults are the paper's (MODEL.md): Adam lr 4e-4, batch 16, 20 epochs, keep
 the epoch with the best validation window AUROC. An epoch visits every window
@@ -11,7 +19,8 @@ native bf16, as the engine serves. A checkpoint is written after each epoch
 model) and training resumes from it. Per-epoch randomness comes from
 ``numpy.random.default_rng([seed, epoch])`` so a resumed run draws the same windows.
 
-``python -m training.phase1 CACHE OUT [--epochs 20] ...`` trains;
+``python -m training.phase1 CACHE OUT [--epochs 20] ...`` trains (``torchrun --nproc_per_node N -m training.phase1 ...``
+on several GPUs or machines: DistributedDataParallel, NCCL on CUDA, gloo on CPU);
 ``python -m training.phase1 CACHE OUT --features-only`` writes ``OUT/features_<split>.npz``
 (the 512-d penultimate activation per grid window) from ``best.pt``.
 """
@@ -32,8 +41,21 @@ import torch.nn.functional as F
 from pe_triage_node.evaluation import delong_auroc
 from pe_triage_node.inference.networks import WindowEncoder
 from pe_triage_node.inference.volume import WINDOW_SLICES
+from training.attention import attention_losses
+from training.augment import augment_window
 from training.cache import CachedStudy, load_cached
-from training.common import autocast_for, load_checkpoint, pick_device, save_checkpoint, seed_everything, write_json
+from training.common import (
+    DistContext,
+    autocast_for,
+    init_distributed,
+    load_checkpoint,
+    pick_device,
+    save_checkpoint,
+    seed_everything,
+    sync_batchnorm,
+    wrap_ddp,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +72,11 @@ class Phase1Config:
     jitter: int = 3  # random shift of a window's start, slices
     max_minutes: float | None = None  # stop after the epoch that passes this wall time (recorded)
     eval_batch: int = 32
+    attention_lambda: float = 1.0  # weight of the attention loss on windows of studies with masks (0: off)
+    augment: bool = True  # the paper's random crop and +-15 degree rotation (training/augment.py)
     device: str = "auto"
     precision: str = "auto"
+    dtype: str = "float32"  # of weights and windows; "float64" (with precision fp32) checks equivalences to rounding
 
 
 def _epoch_windows(studies: list[CachedStudy], cfg: Phase1Config, epoch: int) -> list[tuple[int, int]]:
@@ -73,18 +98,40 @@ def _epoch_windows(studies: list[CachedStudy], cfg: Phase1Config, epoch: int) ->
     return [out[j] for j in order]
 
 
-def _train_logits(model: WindowEncoder, x: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
-    """Training forward: stem..layer3 under the serving autocast, ``layer4`` and the head in fp32.
+class TrainingForward(torch.nn.Module):
+    """The training forward of a :class:`WindowEncoder` as a module (what DistributedDataParallel wraps).
 
-    On this project's CPU (torch 2.14, oneDNN) the bf16 weight gradient of
+    stem..layer3 run under the serving autocast, ``layer4`` and the head in fp32:
+    on this project's CPU (torch 2.14, oneDNN) the bf16 weight gradient of
     ``layer4``'s small 3-D convolutions came out non-finite after a few steps;
     fp32 there keeps training stable at little cost (layer4 sees 1/8 of the
-    resolution). Inference is unchanged (the engine's own autocast).
+    resolution). Inference is unchanged (the engine's own autocast). Returns the
+    logit (B,) and the Grad-CAM map of the logit on ``layer4`` (B, T', H', W'),
+    differentiable (WindowEncoder.forward's closed form).
     """
-    with autocast_for(device, precision):
-        a = model.layer3(model.layer2(model.layer1(model.stem(x))))
-    a = model.layer4(a.float())
-    return model.fc(model.avgpool(a).flatten(1))[:, 0]
+
+    def __init__(self, encoder: WindowEncoder, device: torch.device, precision: str) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.run_device = device
+        self.precision = precision
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.encoder
+        with autocast_for(self.run_device, self.precision):
+            a = m.layer3(m.layer2(m.layer1(m.stem(x))))
+        a = m.layer4(a.float() if a.dtype in (torch.bfloat16, torch.float16) else a)
+        logit = m.fc(m.avgpool(a).flatten(1))[:, 0]
+        cam = torch.einsum("bcthw,c->bthw", a, m.fc.weight[0]) / (a.shape[2] * a.shape[3] * a.shape[4])
+        return logit, cam
+
+
+def _training_window(st: CachedStudy, start: int, cfg: Phase1Config, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A training window (3, 10, S, S) and its mask (10, S, S) or ``None``, augmented when ``cfg.augment``."""
+    x, m = st.window(start), st.window_mask(start)
+    if cfg.augment:
+        x, m = augment_window(x, m, rng)
+    return x, m
 
 
 def _window_label(st: CachedStudy, start: int) -> float:
@@ -99,7 +146,7 @@ def predict_windows(model: WindowEncoder, studies: list[CachedStudy], device: to
     for st in studies:
         p, f = [], []
         for a in range(0, st.n_windows, batch):
-            x = st.grid_windows(a, min(st.n_windows, a + batch)).to(device)
+            x = st.grid_windows(a, min(st.n_windows, a + batch)).to(device, next(model.parameters()).dtype)
             with autocast_for(device, precision):
                 logit, feat, _ = model(x)
             p.append(torch.sigmoid(logit.float()).cpu())
@@ -110,16 +157,28 @@ def predict_windows(model: WindowEncoder, studies: list[CachedStudy], device: to
 
 
 def train_phase1(cache_dir: Path, out_dir: Path, cfg: Phase1Config, *, show_progress: bool = True) -> dict[str, Any]:
-    """Train phase 1 on ``cache_dir/train``, select on ``cache_dir/val``; return the training record."""
+    """Train phase 1 on ``cache_dir/train``, select on ``cache_dir/val``; return the training record.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank draws the same epoch and takes
+    its share of each batch; DistributedDataParallel averages the gradients, batch
+    statistics are the whole batch's (SyncBatchNorm on CUDA, :class:`~training.common.GlobalBatchNorm3d`
+    on CPU) and each rank's loss is its samples' sum over the whole batch's size
+    (times the world size, which DDP's averaging divides out), so the job takes the
+    steps one process would. Validation is shared out by study; rank 0 writes.
+    """
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
+    ctx, device = init_distributed(cfg.device)
+    if ctx.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     train, tindex = load_cached(cache_dir, "train")
     val, _ = load_cached(cache_dir, "val")
-    model = WindowEncoder().to(device)
+    dtype = getattr(torch, cfg.dtype)
+    model = WindowEncoder().to(device, dtype)
+    if ctx.world > 1:
+        sync_batchnorm(model, device)  # before the optimiser: the converted layers hold new parameters
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     history: list[dict[str, Any]] = []
     best_auc, best_epoch, start_epoch = -1.0, -1, 0
@@ -132,63 +191,99 @@ def train_phase1(cache_dir: Path, out_dir: Path, cfg: Phase1Config, *, show_prog
         history = list(ck["history"])
         elapsed_before = float(ck.get("elapsed_s", 0.0))
         log.info("resuming phase 1 at epoch %d", start_epoch)
+    net = wrap_ddp(TrainingForward(model, device, cfg.precision), ctx, device)
     t0 = time.perf_counter()
     val_y = np.concatenate([st.window_labels() for st in val])
     stopped_early = False
     for epoch in range(start_epoch, cfg.epochs):
-        if cfg.max_minutes is not None and elapsed_before + time.perf_counter() - t0 > cfg.max_minutes * 60:
+        if ctx.any(cfg.max_minutes is not None and elapsed_before + time.perf_counter() - t0 > cfg.max_minutes * 60):
             stopped_early = True
             break
         # Each epoch re-seeds torch too, so a resumed run trains identically.
         torch.manual_seed(cfg.seed * 1000 + epoch)
-        model.train()
+        net.train()
         items = _epoch_windows(train, cfg, epoch)
+        aug_rng = np.random.default_rng([cfg.seed, epoch, 1])
         losses: list[float] = []
+        att_losses: list[tuple[float, int]] = []
         skipped = 0
-        bar = tqdm(range(0, len(items), cfg.batch_size), desc=f"phase1 epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show_progress)
+        bar = tqdm(range(0, len(items), cfg.batch_size), desc=f"phase1 epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not (show_progress and ctx.main))
         for a in bar:
             chunk = items[a : a + cfg.batch_size]
-            x = torch.stack([train[i].window(s) for i, s in chunk]).to(device)
-            y = torch.tensor([_window_label(train[i], s) for i, s in chunk], device=device)
-            logit = _train_logits(model, x, device, cfg.precision)
-            loss = F.binary_cross_entropy_with_logits(logit.float(), y)
+            # every rank draws the whole batch's augmentation (same random stream), then keeps its share
+            windows = [_training_window(train[i], s, cfg, aug_rng) for i, s in chunk]
+            mine = ctx.shard(list(range(len(chunk))))
+            x = torch.stack([windows[j][0] for j in mine]).to(device, dtype)
+            y = torch.tensor([_window_label(train[chunk[j][0]], chunk[j][1]) for j in mine], device=device, dtype=dtype)
+            logit, cam = net(x)
+            per_sample = F.binary_cross_entropy_with_logits(logit.to(dtype), y, reduction="none")
+            guided = [k for k, j in enumerate(mine) if windows[j][1] is not None]
+            att_sum = torch.zeros((), device=device)
+            if cfg.attention_lambda > 0 and guided:
+                masks = torch.stack([windows[mine[k]][1] for k in guided]).to(device, dtype)  # type: ignore[misc]
+                sel = torch.tensor(guided, device=device)
+                att = attention_losses(cam[sel], masks, y[sel])
+                att_sum = att.sum()
+                att_losses.append((float(att_sum.detach()), len(guided)))
+            # the batch's mean over all its samples; x world, which DDP's gradient averaging divides out
+            loss = (per_sample.sum() + cfg.attention_lambda * att_sum) * (ctx.world / len(chunk))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if not torch.isfinite(loss) or not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
                 skipped += 1  # a non-finite gradient: drop this step rather than poison the weights
                 continue
             opt.step()
-            losses.append(loss.item())
+            # this rank's part of the batch's loss (the parts of all ranks add up to it)
+            losses.append((float(per_sample.detach().sum()) + cfg.attention_lambda * float(att_sum.detach())) / len(chunk))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", skipped=skipped)
-        probs, _ = predict_windows(model, val, device, batch=cfg.eval_batch, precision=cfg.precision)
+        mean_loss = _epoch_loss(ctx, losses)
+        probs = ctx.gather(predict_windows(model, ctx.shard(val), device, batch=cfg.eval_batch, precision=cfg.precision)[0])
         auc, _ = delong_auroc(val_y, np.concatenate(probs)) if len(val_y) else (float("nan"), 0.0)
         auc = float(auc) if not np.isnan(auc) else 0.0
-        rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None, "train_windows": len(items), "skipped_steps": skipped, "val_window_auroc": round(auc, 4)}
+        rec = {
+            "epoch": epoch + 1,
+            "train_loss": mean_loss,
+            "train_attention_loss": _epoch_attention_loss(ctx, att_losses),
+            "train_windows": len(items),
+            "skipped_steps": skipped,
+            "val_window_auroc": round(auc, 4),
+        }
         history.append(rec)
         log.info("phase1 %s", rec)
-        if show_progress:
+        if show_progress and ctx.main:
             print(f"phase1 epoch {epoch + 1}: loss {rec['train_loss']:.4f} val window AUROC {auc:.4f}", flush=True)
         if auc > best_auc:
             best_auc, best_epoch = auc, epoch + 1
-            save_checkpoint(out_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch})
-        save_checkpoint(
-            out_dir / "last.pt",
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "epoch": epoch,
-                "best_auc": best_auc,
-                "best_epoch": best_epoch,
-                "history": history,
-                "elapsed_s": elapsed_before + time.perf_counter() - t0,
-            },
-        )
+            if ctx.main:
+                save_checkpoint(out_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch})
+        if ctx.main:
+            save_checkpoint(
+                out_dir / "last.pt",
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "epoch": epoch,
+                    "best_auc": best_auc,
+                    "best_epoch": best_epoch,
+                    "history": history,
+                    "elapsed_s": elapsed_before + time.perf_counter() - t0,
+                },
+            )
+        ctx.barrier()
     record = {
         "config": asdict(cfg),
         "device": str(device),
+        "processes": ctx.world,
         "input_size": tindex["input_size"],
         "train_studies": len(train),
         "val_studies": len(val),
+        "attention_guidance": {
+            "loss": "BCE + lambda * (1 - continuous Dice(Grad-CAM of the positive logit on layer4, embolus mask on its grid)); training/attention.py",
+            "lambda": cfg.attention_lambda,
+            "train_studies_with_masks": sum(1 for st in train if st.mask is not None),
+            "used": cfg.attention_lambda > 0 and any(st.mask is not None for st in train),
+        },
+        "augmentation": "random in-plane crop offset (up to (224-192)/224 of the field) with the window start's z shift, rotation up to 15 degrees (training/augment.py)" if cfg.augment else "none",
         "best_epoch": best_epoch,
         "best_val_window_auroc": round(best_auc, 4),
         "epochs_run": len(history),
@@ -196,8 +291,23 @@ def train_phase1(cache_dir: Path, out_dir: Path, cfg: Phase1Config, *, show_prog
         "history": history,
         "seconds": round(elapsed_before + time.perf_counter() - t0, 1),
     }
-    write_json(out_dir / "phase1.json", record)
+    if ctx.main:
+        write_json(out_dir / "phase1.json", record)
+    ctx.barrier()
     return record
+
+
+def _epoch_loss(ctx: DistContext, parts: list[float]) -> float | None:
+    """Mean over the epoch's steps of each batch's loss (every rank's parts of a step added up)."""
+    steps = np.sum(np.array(ctx.gather([parts]), dtype=np.float64), axis=0) if ctx.world > 1 else np.array(parts)
+    return float(np.mean(steps)) if len(steps) else None
+
+
+def _epoch_attention_loss(ctx: DistContext, sums: list[tuple[float, int]]) -> float | None:
+    """Mean attention loss over the epoch's guided windows, all ranks together."""
+    allv = [v for part in ctx.gather([sums]) for v in part] if ctx.world > 1 else sums
+    n = sum(c for _, c in allv)
+    return float(sum(v for v, _ in allv) / n) if n else None
 
 
 def load_phase1(out_dir: Path) -> WindowEncoder:
@@ -240,15 +350,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--neg-ratio", type=float, default=1.0)
+    ap.add_argument("--attention-lambda", type=float, default=1.0, help="weight of the attention loss where masks exist (0: classification loss only)")
     ap.add_argument("--max-minutes", type=float, default=None)
+    ap.add_argument("--no-augment", action="store_true", help="no random crop/rotation")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="auto: bf16 on CUDA and on CPUs with native bf16")
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="float64 (with --precision fp32): checks, not training")
     ap.add_argument("--features-only", action="store_true", help="only extract features from best.pt")
+    ap.add_argument("--no-features", action="store_true", help="train only")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    ctx = DistContext()
     if not args.features_only:
-        cfg = Phase1Config(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, neg_ratio=args.neg_ratio, max_minutes=args.max_minutes, device=args.device)
-        train_phase1(args.cache_dir, args.out_dir, cfg)
-    print(extract_features(args.cache_dir, args.out_dir, device=args.device))
+        cfg = Phase1Config(
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, neg_ratio=args.neg_ratio, max_minutes=args.max_minutes,
+            attention_lambda=args.attention_lambda, augment=not args.no_augment, device=args.device, precision=args.precision, dtype=args.dtype,
+        )
+        ctx, _ = init_distributed(args.device)  # torchrun: every rank trains, rank 0 extracts the features
+        train_phase1(args.cache_dir, args.out_dir, cfg, show_progress=ctx.main)
+    if ctx.main and not args.no_features:
+        print(extract_features(args.cache_dir, args.out_dir, device=args.device, precision=args.precision))
+    ctx.barrier()
     return 0
 
 

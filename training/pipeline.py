@@ -179,7 +179,7 @@ def run_pipeline(
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
     """What of a report goes into the manifest (everything but file paths and failures lists)."""
-    keep = ("n_studies", "n_windows", "metrics", "phase1_window", "study_pe_detection", "subsegmental_only", "consistent_labels", "ci_method", "window_labels", "data", "seconds")
+    keep = ("n_studies", "n_windows", "metrics", "phase1_window", "study_pe_detection", "subsegmental_only", "pointing_game", "consistent_labels", "ci_method", "window_labels", "data", "seconds")
     return {k: report[k] for k in keep if k in report}
 
 
@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phase1-max-minutes", type=float, default=None)
     ap.add_argument("--phase2-epochs", type=int, default=200)
     ap.add_argument("--window-q-floor", type=float, default=0.0)
+    ap.add_argument("--attention-lambda", type=float, default=1.0, help="attention loss weight where the data ship embolus masks (0: off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--model-name", default="pe-tcn-attention")
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = PipelineConfig(
         input_size=args.input_size,
         lung_crop=args.lung_crop,
-        phase1=Phase1Config(epochs=args.phase1_epochs, seed=args.seed, max_minutes=args.phase1_max_minutes, device=args.device),
+        phase1=Phase1Config(epochs=args.phase1_epochs, seed=args.seed, max_minutes=args.phase1_max_minutes, attention_lambda=args.attention_lambda, device=args.device),
         phase2=Phase2Config(epochs=args.phase2_epochs, seed=args.seed, window_q_floor=args.window_q_floor, device=args.device),
         model_name=args.model_name,
         model_version=args.model_version,

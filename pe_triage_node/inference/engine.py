@@ -31,7 +31,7 @@ import torch
 from pe_triage_node.config import InferenceSection
 from pe_triage_node.errors import WeightsError
 from pe_triage_node.inference.consistency import correct
-from pe_triage_node.inference.gradcam import peak_location, upsample_cam
+from pe_triage_node.inference.gradcam import evidence_peak, upsample_cam
 from pe_triage_node.inference.labels import PE_SPECIFIC, STUDY_LABELS, WINDOW_LABEL
 from pe_triage_node.inference.networks import fit_sequence, fold_batchnorm, unfit_sequence
 from pe_triage_node.inference.preprocess import LungmaskBox, PreparedStudy, describe_box, find_lungmask_weights, prepare_study
@@ -84,6 +84,18 @@ def _autocast(device: torch.device, precision: str) -> Iterator[None]:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     with torch.autocast(device_type=device.type, dtype=dtype):
         yield
+
+
+# A window is "inside the lungs" when its mean lung share is at least this share of the best window's.
+MIN_LUNG_SHARE_OF_BEST = 0.4
+
+
+def evidence_windows(prepared: PreparedStudy) -> np.ndarray:
+    """Which windows may carry Grad-CAM evidence: those inside the lungs (all, when no lungs were found)."""
+    share = prepared.window_lung_share()
+    if share is None or share.max() <= 0:
+        return np.ones(prepared.n_windows, dtype=bool)
+    return share >= MIN_LUNG_SHARE_OF_BEST * share.max()
 
 
 class InferenceEngine:
@@ -320,13 +332,24 @@ class InferenceEngine:
         attention: dict[str, list[float]],
         window_probs: list[float],
     ) -> list[GradCamMap]:
-        """Grad-CAM for the top window of each positive finding (at most ``gradcam_windows`` windows)."""
+        """Grad-CAM for the top window of each positive finding (at most ``gradcam_windows`` windows).
+
+        Evidence a reader can check: the windows are chosen among those inside the lungs
+        (:func:`evidence_windows`) and the marked peak is the strongest response inside the
+        evidence region (lungs and the mediastinum between them, never the air around the patient).
+        """
+        eligible = evidence_windows(prepared)
+
+        def top(values: list[float]) -> int:
+            v = np.asarray(values, dtype=np.float64)
+            return int(np.flatnonzero(eligible)[np.argmax(v[eligible])])
+
         chosen: dict[int, list[str]] = {}
         if labels.get(WINDOW_LABEL):
-            chosen.setdefault(int(np.argmax(window_probs)), []).append(WINDOW_LABEL)
+            chosen.setdefault(top(window_probs), []).append(WINDOW_LABEL)
         for k in PE_SPECIFIC:
             if labels.get(k):
-                w = int(np.argmax(attention[k]))
+                w = top(attention[k])
                 if w in chosen or len(chosen) < self.gradcam_windows:
                     chosen.setdefault(w, []).append(k)
         out = []
@@ -334,7 +357,7 @@ class InferenceEngine:
         n_src = volume.shape[0]
         for w, names in list(chosen.items())[: self.gradcam_windows]:
             cam, peak = upsample_cam(cams[w], (WINDOW_SLICES, s, s))
-            z, v, u = peak_location(cam)
+            z, v, u = evidence_peak(cam, prepared.window_region(w))
             src = prepared.source_slice(w, z, n_src)
             row, col = prepared.source_pixel(v, u)
             if volume.flipped_y:

@@ -60,3 +60,11 @@ def peak_location(cam: torch.Tensor) -> tuple[int, int, int]:
     idx = int(torch.argmax(cam))
     _, h, w = cam.shape
     return idx // (h * w), (idx // w) % h, idx % w
+
+
+def evidence_peak(cam: torch.Tensor, region: torch.Tensor | None) -> tuple[int, int, int]:
+    """:func:`peak_location` restricted to ``region`` (a (10, S, S) bool mask of where an embolus can lie);
+    the whole map when the region is missing or empty. The marker never lands in the air around the patient."""
+    if region is None or not bool(region.any()):
+        return peak_location(cam)
+    return peak_location(torch.where(region.to(cam.device), cam, torch.full_like(cam, -1.0)))

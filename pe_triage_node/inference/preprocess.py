@@ -12,6 +12,10 @@ Order per study (all tensor work in torch on the inference device):
    largest one and at least 5 mL (both lungs, the trachea; not bowel gas);
    the box grows by one grid cell on every side to cover partial-volume edges.
    If neither finds lungs the whole field is kept and the method says so.
+   The same masks give the evidence region (:meth:`ChestMasks.evidence_region`: the
+   lungs, the mediastinum between them, 8 mm around; never the air around the
+   patient) and each slice's lung share, with which the engine keeps its Grad-CAM
+   secondary captures on lung slices and their markers inside the patient.
 3. Slices resized in HU to ``input_size`` x ``input_size`` (bilinear).
 4. Windows of 10 slices along z (the last zero-padded after channel scaling).
 5. Channels lung (-600, 1500), PE (100, 700), mediastinal (40, 400): clipped to
@@ -46,6 +50,7 @@ _THRESH_GRID = 4  # mm per voxel of the threshold method's grid
 _AIR_HU = -400.0
 _MIN_LUNG_ML = 5.0
 _MIN_SHARE_OF_LARGEST = 0.2
+_REGION_MARGIN_CELLS = 2  # 8 mm around the lungs and the mediastinum between them
 LUNGMASK_R231_FILE = "unet_r231-d5d2fc3d.pth"
 
 LungCropChoice = Literal["auto", "lungmask", "threshold"]
@@ -64,36 +69,78 @@ def hu_to_channels(hu: torch.Tensor) -> torch.Tensor:
     return torch.stack([((hu - lo) / (hi - lo)).clamp_(0.0, 1.0) for lo, hi in HU_WINDOWS])
 
 
-def threshold_lung_box(vol: torch.Tensor) -> Box | None:
-    """Bounding box of the lungs by HU threshold on a 4 mm grid; ``None`` when none is found.
+@dataclass
+class ChestMasks:
+    """Where the lungs and the outside air are, on the threshold method's 4 mm grid (z, y, x) of a 1 mm volume.
 
-    ``vol`` is the 1 mm HU volume (z, y, x). See the module docstring for the method.
+    ``lungs``: the kept air components (both lungs, trachea), or the U-Net's lung
+    labels when lungmask ran; ``outside``: air connected to the in-plane border
+    of the field of view (the air around the patient).
     """
+
+    lungs: np.ndarray  # bool
+    outside: np.ndarray  # bool
+    grid_mm: int = _THRESH_GRID
+
+    def box(self, shape: tuple[int, int, int]) -> Box | None:
+        """Bounding box of the lungs in the 1 mm grid, one cell of margin on every side; ``None`` without lungs."""
+        if not self.lungs.any():
+            return None
+        g = self.grid_mm
+        zz, yy, xx = np.nonzero(self.lungs)
+        z, y, x = shape
+        return (
+            max(0, int(zz.min()) - 1) * g, min(z, (int(zz.max()) + 2) * g),
+            max(0, int(yy.min()) - 1) * g, min(y, (int(yy.max()) + 2) * g),
+            max(0, int(xx.min()) - 1) * g, min(x, (int(xx.max()) + 2) * g),
+        )
+
+    def evidence_region(self, margin_cells: int = _REGION_MARGIN_CELLS) -> np.ndarray:
+        """Where a pulmonary embolus can lie: per slice the lungs and everything between them
+        (row by row, the span from the first to the last lung cell: mediastinum, heart, hila),
+        grown in-plane by ``margin_cells``, never the outside air. Empty on slices without lungs."""
+        from scipy import ndimage
+
+        lungs = self.lungs
+        first = np.maximum.accumulate(lungs, axis=2)
+        last = np.maximum.accumulate(lungs[:, :, ::-1], axis=2)[:, :, ::-1]
+        region = first & last
+        if margin_cells > 0:
+            diamond = ndimage.iterate_structure(ndimage.generate_binary_structure(2, 1), margin_cells)
+            region = ndimage.binary_dilation(region, structure=diamond[None])  # in-plane only
+        return region & ~self.outside
+
+
+def threshold_chest_masks(vol: torch.Tensor) -> ChestMasks:
+    """Lungs and outside air by HU threshold on a 4 mm grid (see the module docstring for the method)."""
     from scipy import ndimage
 
     g = _THRESH_GRID
     pooled = F.avg_pool3d(vol[None, None].float(), kernel_size=g, stride=g, ceil_mode=True)[0, 0]
     air = (pooled < _AIR_HU).cpu().numpy()
     labels, n = ndimage.label(air)
+    empty = np.zeros(air.shape, dtype=bool)
     if n == 0:
-        return None
+        return ChestMasks(empty, empty.copy())
     border = np.unique(np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
+    border = border[border > 0]
+    outside = np.isin(labels, border)
     sizes = np.bincount(labels.ravel(), minlength=n + 1).astype(np.float64)
     sizes[0] = 0
     sizes[border] = 0
     if sizes.max() <= 0:
-        return None
+        return ChestMasks(empty, outside)
     keep_min = max(_MIN_SHARE_OF_LARGEST * sizes.max(), _MIN_LUNG_ML * 1000.0 / g**3)
     keep = np.flatnonzero(sizes >= keep_min)
-    if keep.size == 0:
-        return None
-    zz, yy, xx = np.nonzero(np.isin(labels, keep))
-    z, y, x = vol.shape
-    return (
-        max(0, int(zz.min()) - 1) * g, min(z, (int(zz.max()) + 2) * g),
-        max(0, int(yy.min()) - 1) * g, min(y, (int(yy.max()) + 2) * g),
-        max(0, int(xx.min()) - 1) * g, min(x, (int(xx.max()) + 2) * g),
-    )
+    return ChestMasks(np.isin(labels, keep), outside)
+
+
+def threshold_lung_box(vol: torch.Tensor) -> Box | None:
+    """Bounding box of the lungs by HU threshold on a 4 mm grid; ``None`` when none is found.
+
+    ``vol`` is the 1 mm HU volume (z, y, x). See the module docstring for the method.
+    """
+    return threshold_chest_masks(vol).box(tuple(int(v) for v in vol.shape))  # type: ignore[arg-type]
 
 
 def find_lungmask_weights(configured: Path | None) -> Path | None:
@@ -119,20 +166,39 @@ class LungmaskBox:
             raise WeightsError(f"lungmask weights {weights.name} cannot be loaded: {exc}") from exc
         self.weights = weights
 
-    def __call__(self, vol: torch.Tensor, stride_mm: float = LUNGMASK_STRIDE_MM) -> Box | None:
-        """Box of the U-Net's lung labels on every ``stride_mm``-th 1 mm slice; ``None`` if empty."""
+    def segment(self, vol: torch.Tensor, stride_mm: float = LUNGMASK_STRIDE_MM) -> tuple[np.ndarray, np.ndarray]:
+        """The U-Net's lung labels (z', y, x) on every ``stride_mm``-th 1 mm slice, and those slices' indices."""
         stride = max(1, round(stride_mm / TARGET_SPACING_MM))
         idx = np.arange(0, vol.shape[0], stride)
         sub = vol[idx].float().cpu().numpy()
-        mask = self.inferer.apply(sub)  # (z, y, x) labels, 0 background
+        return idx, np.asarray(self.inferer.apply(sub)) > 0  # (z', y, x), 0 background
+
+    @staticmethod
+    def box_of(idx: np.ndarray, mask: np.ndarray, n_slices: int, stride_mm: float = LUNGMASK_STRIDE_MM) -> Box | None:
+        """Box of :meth:`segment`'s labels in the 1 mm grid; ``None`` if empty."""
         if not mask.any():
             return None
+        stride = max(1, round(stride_mm / TARGET_SPACING_MM))
         zz, yy, xx = np.nonzero(mask)
-        z = vol.shape[0]
         return (
-            max(0, int(idx[zz.min()]) - stride + 1), min(z, int(idx[zz.max()]) + stride),
+            max(0, int(idx[zz.min()]) - stride + 1), min(n_slices, int(idx[zz.max()]) + stride),
             int(yy.min()), int(yy.max()) + 1, int(xx.min()), int(xx.max()) + 1,
         )
+
+    @staticmethod
+    def lungs_on_grid(idx: np.ndarray, mask: np.ndarray, grid_shape: tuple[int, int, int], g: int = _THRESH_GRID) -> np.ndarray:
+        """:meth:`segment`'s labels on the threshold method's 4 mm grid (nearest labelled slice, any lung in a cell)."""
+        gz, gy, gx = grid_shape
+        centres = (np.arange(gz) + 0.5) * g - 0.5
+        near = np.abs(centres[:, None] - idx[None, :]).argmin(axis=1)
+        m = torch.from_numpy(mask[near].astype(np.float32))[None]  # (1, gz, y, x)
+        pooled = F.max_pool2d(m, kernel_size=g, stride=g, ceil_mode=True)[0].numpy() > 0
+        return pooled[:, :gy, :gx]
+
+    def __call__(self, vol: torch.Tensor, stride_mm: float = LUNGMASK_STRIDE_MM) -> Box | None:
+        """Box of the U-Net's lung labels on every ``stride_mm``-th 1 mm slice; ``None`` if empty."""
+        idx, mask = self.segment(vol, stride_mm)
+        return self.box_of(idx, mask, int(vol.shape[0]), stride_mm)
 
 
 @dataclass
@@ -149,6 +215,10 @@ class PreparedStudy:
     source_shape: tuple[int, int, int]
     lung_crop_method: str
     input_size: int
+    # (z, S, S) bool on the prepared slices: where an embolus can lie (ChestMasks.evidence_region);
+    # lung_share: per prepared slice, the share of its pixels that are lung. None when not computed.
+    region: torch.Tensor | None = None
+    lung_share: np.ndarray | None = None
 
     @property
     def n_windows(self) -> int:
@@ -178,6 +248,21 @@ class PreparedStudy:
         src = (k + 0.5) * n_source / self.resampled_shape[0] - 0.5
         return int(min(n_source - 1, max(0, round(src))))
 
+    def window_region(self, window: int) -> torch.Tensor | None:
+        """:attr:`region` of one window as (10, S, S), padded slices empty; ``None`` when not computed."""
+        if self.region is None:
+            return None
+        part = self.region[window * WINDOW_SLICES : (window + 1) * WINDOW_SLICES]
+        if part.shape[0] < WINDOW_SLICES:
+            part = F.pad(part, (0, 0, 0, 0, 0, WINDOW_SLICES - part.shape[0]))
+        return part
+
+    def window_lung_share(self) -> np.ndarray | None:
+        """Mean lung share of each window's real slices; ``None`` when not computed."""
+        if self.lung_share is None:
+            return None
+        return np.array([float(self.lung_share[w * WINDOW_SLICES : (w + 1) * WINDOW_SLICES].mean()) for w in range(self.n_windows)])
+
     def source_pixel(self, v: float, u: float) -> tuple[float, float]:
         """(row, column) in the canonical source grid of window pixel (v, u)."""
         _, y0, y1, x0, x1 = self.box[0], *self.box[2:]
@@ -200,18 +285,22 @@ def prepare_study(
     hu = torch.from_numpy(volume.hu).to(device)
     vol = resample_isotropic(hu, volume.spacing)
     del hu
+    z, y, x = (int(v) for v in vol.shape)
+    masks = threshold_chest_masks(vol)
     box: Box | None
     if lungmask is not None:
-        box, method = lungmask(vol), "lungmask"
+        idx, labels = lungmask.segment(vol)
+        box, method = lungmask.box_of(idx, labels, z), "lungmask"
+        masks = ChestMasks(LungmaskBox.lungs_on_grid(idx, labels, masks.lungs.shape), masks.outside)
     else:
-        box, method = threshold_lung_box(vol), "threshold"
-    z, y, x = (int(v) for v in vol.shape)
+        box, method = masks.box((z, y, x)), "threshold"
     if box is None or box[1] - box[0] < 1:
         log.warning("no lungs found by %s: keeping the whole field of view", method)
         box, method = (0, z, 0, y, 0, x), f"{method}: no lungs found, whole field"
     z0, z1, y0, y1, x0, x1 = box
     crop = vol[z0:z1, y0:y1, x0:x1]
     slices = F.interpolate(crop[None].float(), size=(input_size, input_size), mode="bilinear", align_corners=False)[0]
+    region, lung_share = _on_prepared_grid(masks, box, input_size)
     return PreparedStudy(
         slices=slices.contiguous(),
         box=box,
@@ -219,7 +308,38 @@ def prepare_study(
         source_shape=volume.shape,
         lung_crop_method=method,
         input_size=input_size,
+        region=torch.from_numpy(region).to(slices.device),
+        lung_share=lung_share,
     )
+
+
+def prepare_mask(planes: np.ndarray, volume: CTVolume, prepared: PreparedStudy) -> torch.Tensor:
+    """A voxel mask of ``volume`` (its slice order, each plane in its stored pixel grid) on the prepared
+    slices (z, S, S), bool: the same resampling, crop and resize as the HU, any coverage counts
+    (a slightly larger mask, as the attention-guided paper downsamples its masks)."""
+    m = np.asarray(planes > 0, dtype=np.float32)
+    if volume.flipped_y:
+        m = m[:, ::-1, :]
+    if volume.flipped_x:
+        m = m[:, :, ::-1]
+    vol = resample_isotropic(torch.from_numpy(np.ascontiguousarray(m)), volume.spacing)
+    z0, z1, y0, y1, x0, x1 = prepared.box
+    crop = vol[z0:z1, y0:y1, x0:x1]
+    s = prepared.input_size
+    return F.interpolate(crop[None], size=(s, s), mode="bilinear", align_corners=False)[0] > 1e-3
+
+
+def _on_prepared_grid(masks: ChestMasks, box: Box, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The evidence region (z, S, S) and the lung share per slice, sampled (nearest cell) on the prepared slices."""
+    z0, z1, y0, y1, x0, x1 = box
+    g = masks.grid_mm
+    gz, gy, gx = masks.lungs.shape
+    zi = np.minimum(np.arange(z0, z1) // g, gz - 1)
+    yi = np.minimum(np.floor(y0 + (np.arange(size) + 0.5) * (y1 - y0) / size).astype(int) // g, gy - 1)
+    xi = np.minimum(np.floor(x0 + (np.arange(size) + 0.5) * (x1 - x0) / size).astype(int) // g, gx - 1)
+    grid = np.ix_(zi, yi, xi)
+    lungs = masks.lungs[grid]
+    return masks.evidence_region()[grid], lungs.mean(axis=(1, 2))
 
 
 def describe_box(p: PreparedStudy) -> dict[str, Any]:

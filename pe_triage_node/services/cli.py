@@ -128,8 +128,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser(
         "demo",
-        help="send a phantom CTPA (central PE) to a node and print the result that comes back",
-        description="Generate a phantom CTPA with a central PE, send it to the node, wait for the SR "
+        help="send a phantom CTPA (--case central|left|right|negative) to a node and print the result that comes back",
+        description="Generate a phantom CTPA (--case: a central PE by default, a left- or right-sided PE, or no PE), "
+        "send it to the node, wait for the SR "
         "to come back to a local C-STORE receiver and print the findings, the priority and the time. "
         "Without --node a node is started for the demo (temporary state, this receiver as its "
         "destination). With --node the node must list this receiver (--listen-ae, --listen-port, "

@@ -1,4 +1,5 @@
-"""``pe-triage demo``: a phantom CTPA with a central PE in, the node's SR back, findings and time printed.
+"""``pe-triage demo``: a phantom CTPA in (``--case central|left|right|negative``; central PE by default),
+the node's SR back, findings and time printed beside what a correct answer would be.
 
 Two ways to run it:
 
@@ -38,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 SR_MODALITY = "SR"
-DEFAULT_SLICES = 128  # a small phantom's chest (up to ~360 mm) in slices under 3 mm
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,9 +50,10 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen-ae", default="DEMO", help="AE title of the demo's receiver (the node's destination)")
     p.add_argument("--listen-host", default=None, help="interface of the demo's receiver (default: 0.0.0.0 with --node, else 127.0.0.1)")
     p.add_argument("--listen-port", type=int, default=None, help="port of the demo's receiver (default: 11113 with --node, else a free one)")
-    p.add_argument("--slices", type=int, default=DEFAULT_SLICES,
-                   help=f"slices of the phantom (128 x 128 pixels; default {DEFAULT_SLICES}: slices under 3 mm, "
-                        "which a node on its default selection accepts)")
+    p.add_argument("--case", choices=sorted(DEMO_CASES), default="central",
+                   help="the phantom to send: " + "; ".join(f"{k}: {c.description}" for k, c in DEMO_CASES.items()) + " (default central)")
+    p.add_argument("--slices", type=int, default=64,
+                   help="slices of the phantom (small phantom, 128 x 128; more when needed for slices of at most 3 mm)")
     p.add_argument("--seed", type=int, default=None, help="phantom seed (default: new each run)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the SR")
     p.add_argument("--random-weights", action="store_true", help="self-contained node with random weights (meaningless findings)")
@@ -136,25 +137,59 @@ class DemoReceiver:
 
 
 @dataclass(frozen=True)
-class DemoPhantom:
-    series_dir: Path
-    study_instance_uid: str
-    seed: int
-    slice_thickness_mm: float
+class DemoCase:
+    """One kind of phantom the demo can send, and what a correct node answers."""
+
+    description: str
+    category: str  # the generator's study category
+    sides: frozenset[str] | None  # embolus sides the phantom must show (None: no embolus)
+    expected: str  # what the SR should say, printed beside the answer
+    only: bool = True  # those sides and no other
+
+    def matches(self, sides: set[str]) -> bool:
+        if self.sides is None:
+            return not sides
+        return sides == self.sides if self.only else self.sides <= sides
 
 
-def central_pe_phantom(out_dir: Path, *, slices: int, seed: int | None) -> DemoPhantom:
-    """Write a small phantom CTPA with an acute central PE."""
-    from pe_triage_node.synth.phantom import render_phantom, sample_spec
+DEMO_CASES: dict[str, DemoCase] = {
+    "central": DemoCase("acute central PE", "positive", frozenset({"central"}), "PE present, central; STAT", only=False),
+    "left": DemoCase("acute PE, left lung only", "positive", frozenset({"left"}), "PE present, left-sided"),
+    "right": DemoCase("acute PE, right lung only", "positive", frozenset({"right"}), "PE present, right-sided"),
+    "negative": DemoCase("no pulmonary embolism", "negative", None, "no PE; ROUTINE"),
+}
+
+
+# The node's default selection refuses reconstructions thicker than 3 mm as CTPA
+# (selection.max_slice_thickness_mm): the demo's phantom stays within it.
+DEMO_MAX_SLICE_MM = 3.0
+
+
+def demo_phantom(case: str, out_dir: Path, *, slices: int, seed: int | None) -> tuple[Path, str, int]:
+    """Write a small phantom CTPA of ``case`` (:data:`DEMO_CASES`); returns (series folder, study UID, seed).
+
+    The phantom is rendered and its labels checked (an embolus too small for the grid is dropped
+    by the renderer), so the case is what the labels say; the candidates are
+    ``study_seed(seed, k)``, k = 0, 1, ..., so different seeds give different phantoms."""
+    from pe_triage_node.synth.phantom import render_phantom, sample_spec, study_seed
     from pe_triage_node.synth.rspect import write_phantom_study
 
+    want = DEMO_CASES[case]
     start = seed if seed is not None else int.from_bytes(os.urandom(3), "big")
-    for s in range(start, start + 500):
-        spec = sample_spec(s, size="small", slices=slices, category="positive", pe_type="acute")
-        if any(e.side == "central" for e in spec.emboli):
-            written = write_phantom_study(render_phantom(spec), out_dir, split="demo")
-            return DemoPhantom(written.series_dir, written.study_instance_uid, s, float(spec.slice_thickness))
-    raise RuntimeError("no central-PE phantom found among 500 seeds")
+    # candidates study_seed(seed, 0), (seed, 1), ...: each --seed its own phantom, even for rare cases
+    for s in (study_seed(start, k) for k in range(500)):
+        spec = sample_spec(
+            s, size="small", slices=slices, category=want.category, pe_type="acute" if want.sides else None,  # type: ignore[arg-type]
+            max_slice_spacing_mm=DEMO_MAX_SLICE_MM,
+        )
+        if not want.matches({e.side for e in spec.emboli}):
+            continue
+        phantom = render_phantom(spec)
+        if not want.matches({e.side for e in phantom.emboli}) or phantom.pe_positive != (want.sides is not None):
+            continue
+        written = write_phantom_study(phantom, out_dir, split="demo")
+        return written.series_dir, written.study_instance_uid, s
+    raise RuntimeError(f"no {want.description} phantom found among 500 seeds")
 
 
 def send_series(folder: Path, host: str, port: int, *, called_ae: str, calling_ae: str) -> float:
@@ -235,16 +270,11 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> 
     raise TimeoutError(f"the demo node did not listen on port {port} within {timeout:.0f} s")
 
 
-def demo_environment(
-    tmp: Path, node_port: int, listen_ae: str, listen_port: int, *, max_slice_thickness_mm: float | None = None
-) -> dict[str, str]:
+def demo_environment(tmp: Path, node_port: int, listen_ae: str, listen_port: int) -> dict[str, str]:
     """``PETRIAGE_*`` overrides for the self-contained demo node (they beat any configuration file):
-    state under ``tmp``, loopback only, short quiet period, the demo receiver as the only destination;
-    ``max_slice_thickness_mm`` widens the selection for a phantom of fewer, thicker slices."""
+    state under ``tmp``, loopback only, short quiet period, the demo receiver as the only destination."""
     dest = [{"name": "demo", "ae_title": listen_ae, "host": "127.0.0.1", "port": listen_port}]
-    widen = {} if max_slice_thickness_mm is None else {
-        "PETRIAGE_SELECTION__MAX_SLICE_THICKNESS_MM": f"{max_slice_thickness_mm:.2f}"}
-    return widen | {
+    return {
         "PETRIAGE_NODE__VAR_DIR": str(tmp / "var"),
         "PETRIAGE_DATABASE__URL": "sqlite:///{var_dir}/node.db",
         "PETRIAGE_RECEIVER__HOST": "127.0.0.1",
@@ -270,26 +300,15 @@ def run_demo(args: argparse.Namespace) -> int:
     node: subprocess.Popen[bytes] | None = None
     receiver = DemoReceiver(args.listen_ae, listen_host, listen_port, keep=(args.keep / "received") if args.keep else None)
     try:
-        from pe_triage_node.config import SelectionSection
-
-        phantom = central_pe_phantom(args.keep or tmp, slices=args.slices, seed=args.seed)
-        series_dir, study_uid = phantom.series_dir, phantom.study_instance_uid
-        print(f"phantom CTPA (central PE, seed {phantom.seed}): {len(list(series_dir.glob('*.dcm')))} slices "
-              f"of {phantom.slice_thickness_mm:.1f} mm")
+        case = DEMO_CASES[args.case]
+        series_dir, study_uid, seed = demo_phantom(args.case, args.keep or tmp, slices=args.slices, seed=args.seed)
+        print(f"phantom CTPA ({case.description}, seed {seed}): {len(list(series_dir.glob('*.dcm')))} slices")
         if self_contained:
             from pe_triage_node.config import load_config
             from pe_triage_node.inference.weights import default_manifest_path
 
-            selection = load_config(args.config).selection if args.config else SelectionSection()
-            widen = None
-            if phantom.slice_thickness_mm > selection.max_slice_thickness_mm:
-                widen = round(phantom.slice_thickness_mm + 0.01, 2)
-                print(f"NOTE: {phantom.slice_thickness_mm:.1f} mm slices are thicker than a CTPA's; the demo node "
-                      f"accepts up to {widen:g} mm (selection.max_slice_thickness_mm; "
-                      f"{DEFAULT_SLICES} slices stay within the default)")
             node_port = _free_port()
-            env = {**os.environ, **demo_environment(tmp, node_port, args.listen_ae, listen_port,
-                                                    max_slice_thickness_mm=widen)}
+            env = {**os.environ, **demo_environment(tmp, node_port, args.listen_ae, listen_port)}
             cmd = [sys.executable, "-m", "pe_triage_node.cli", "run", "--no-web"]
             if args.config is not None:
                 cmd += ["--config", str(args.config)]
@@ -309,9 +328,6 @@ def run_demo(args: argparse.Namespace) -> int:
             host, port = host or "127.0.0.1", int(port_text)
             print(f"sending to {args.ae}@{host}:{port}; the node must list {args.listen_ae} "
                   f"(this machine, port {listen_port}) as an export destination")
-            if phantom.slice_thickness_mm > SelectionSection().max_slice_thickness_mm:
-                print(f"NOTE: a node on the default selection refuses {phantom.slice_thickness_mm:.1f} mm slices "
-                      f"as not a CTPA (use --slices {DEFAULT_SLICES} or more)")
         last_ack = send_series(series_dir, host, port, called_ae=args.ae, calling_ae=args.calling_ae)
         print("sent; waiting for the structured report...")
         sr, others = receiver.wait_for_sr(study_uid, args.timeout)
@@ -321,6 +337,7 @@ def run_demo(args: argparse.Namespace) -> int:
         for line in sr_lines(sr.dataset):
             print(f"  {line}")
         print(f"  + {sum(1 for o in others if o.dataset.get('Modality') != SR_MODALITY)} secondary capture(s)")
+        print(f"  (the phantom: {case.description}; a correct answer: {case.expected})")
         print()
         print(f"SR back {took:.1f} s after the last instance was acknowledged. NOT FOR DIAGNOSTIC USE.")
         return 0

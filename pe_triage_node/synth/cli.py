@@ -40,6 +40,8 @@ def _synth(args: argparse.Namespace) -> int:
             print(f"pe-triage synth: {split_dir} was not written by pe-triage synth; not replacing it", file=sys.stderr)
             return 2
         shutil.rmtree(split_dir)
+        if (out / f"{args.split}_masks").is_dir():
+            shutil.rmtree(out / f"{args.split}_masks")
     t0 = time.perf_counter()
 
     def progress(i: int, rec: dict[str, Any]) -> None:
@@ -65,7 +67,7 @@ def _synth(args: argparse.Namespace) -> int:
     n_pos = sum(1 for r in records if r["positive_slices"] > 0)
     print(
         f"wrote {len(records)} studies ({n_pos} with PE) to {out} in {time.perf_counter() - t0:.1f}s: "
-        f"{args.split}/, {args.split}.csv, phantoms.json (synthetic, NOT FOR DIAGNOSTIC USE)"
+        f"{args.split}/, {args.split}.csv, {args.split}_masks/, {phantoms_json_name(args.split)} (synthetic, NOT FOR DIAGNOSTIC USE)"
     )
     return 0
 

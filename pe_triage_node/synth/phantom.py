@@ -2,10 +2,15 @@
 
 A phantom is drawn in two steps, both deterministic for a seed:
 
-* :func:`sample_spec` draws a :class:`PhantomSpec`: patient size, scanner
-  geometry (field of view, pixel spacing, slice spacing and thickness, slice
-  count), contrast timing, noise, the heart (RV and LV diameters, hence the
-  RV/LV ratio), the pulmonary arterial and venous trees and the emboli.
+* :func:`sample_spec` draws a :class:`PhantomSpec`: patient size (small to
+  large), scanner geometry (field of view, pixel spacing, slice spacing and
+  thickness, slice count; some series cut the body at the sides or cover part
+  of the chest only), contrast timing (pulmonary trunk 200-650 HU; poor timing
+  for indeterminate studies), kernel family and noise level and texture, the
+  heart (RV and LV diameters, hence the RV/LV ratio), the pulmonary arterial
+  and venous trees and the emboli (occlusive, non-occlusive, saddle, tails into
+  daughter branches, chronic wall-adherent, webs); mimics (nodes beside the
+  arteries, mixing artefacts in the lower-lobe arteries and in the trunk).
 * :func:`render_phantom` paints the HU volume with pure numpy/scipy, blends
   the emboli into the enhanced arteries as filling defects and derives the
   labels (:class:`StudyLabels`, per-slice ``pe_present_on_image``) from the
@@ -229,6 +234,9 @@ class PhantomSpec:
     emboli: tuple[Embolus, ...]
     motion_slices: tuple[int, int] | None = None
     flow_artifact: bool = False
+    noise_corr_mm: float = 0.0  # noise texture: correlation length of the noise (iterative reconstructions are blotchy)
+    trunk_mixing: bool = False  # unopacified blood layering in the pulmonary trunk (a mimic, never clot density)
+    partial_coverage: str = ""  # "", "fov" (the body cut at the sides) or "z" (part of the chest only)
 
     @property
     def rv_lv_ratio(self) -> float:
@@ -268,6 +276,9 @@ class PhantomSpec:
             "rv_lv_ratio": round(an.rv_lv_ratio, 3),
             "motion_slices": list(self.motion_slices) if self.motion_slices else None,
             "flow_artifact": self.flow_artifact,
+            "noise_corr_mm": round(self.noise_corr_mm, 2),
+            "trunk_mixing": self.trunk_mixing,
+            "partial_coverage": self.partial_coverage or None,
             "n_arterial_segments": len(self.arteries),
         }
 
@@ -352,8 +363,8 @@ def _perpendicular(rng: np.random.Generator, d: np.ndarray) -> np.ndarray:
 
 
 def _sample_anatomy(rng: np.random.Generator, category: Category, rv_ratio: float) -> Anatomy:
-    s = float(rng.uniform(0.86, 1.12))
-    fat = float(rng.uniform(6, 30)) * s
+    s = float(rng.uniform(0.78, 1.25))  # small to large patients
+    fat = float(rng.uniform(4, 45)) * s
     body_a = float(rng.uniform(150, 172)) * s + fat
     body_b = body_a * float(rng.uniform(0.64, 0.74))
     muscle = float(rng.uniform(8, 16)) * s
@@ -368,7 +379,7 @@ def _sample_anatomy(rng: np.random.Generator, category: Category, rv_ratio: floa
     if category == "indeterminate" and rng.random() < 0.5:
         right = float(rng.uniform(110, 170))  # poor bolus timing: a QA-contrast indeterminate study
     else:
-        right = float(rng.uniform(250, 500))
+        right = float(rng.uniform(200, 650))  # trunk enhancement from poor to dense bolus timing
     left = 40 + (right - 40) * float(rng.uniform(0.35, 0.75))
     return Anatomy(
         scale=s,
@@ -663,9 +674,18 @@ def _build_vessels(
 
 
 def _sample_emboli(
-    rng: np.random.Generator, arteries: Sequence[VesselSegment], pe_type: PEType, hard: bool, min_radius: float
+    rng: np.random.Generator,
+    arteries: Sequence[VesselSegment],
+    pe_type: PEType,
+    hard: bool,
+    min_radius: float,
+    *,
+    tails: np.random.Generator | None = None,
 ) -> list[Embolus]:
     """Plant emboli of the study's type; ``hard`` studies get subsegmental emboli only.
+
+    With ``tails`` (a generator of its own), an acute clot of a main or lobar artery often
+    trails into a daughter branch (a tail along the branch, same group).
 
     Only arteries of lumen radius >= ``min_radius`` carry emboli, so that a
     defect covers at least a voxel on the study's grid.
@@ -726,6 +746,12 @@ def _sample_emboli(
             for j, a in enumerate(arteries):
                 if a.order == 1 and a.parent == i:
                     emboli.append(Embolus(j, kind, "central", 0.0, 0.3, frac * 0.9, emboli[-1].direction, hu, a.side, 1, group))
+        if tails is not None and kind == "acute" and seg.order in (1, 2) and tails.random() < 0.4:
+            daughters = [j for j, a in enumerate(arteries) if a.parent == i and a.radius(0.5) >= min_radius]
+            if daughters:
+                j = int(daughters[int(tails.integers(len(daughters)))])
+                a = arteries[j]
+                emboli.append(Embolus(j, kind, "central", 0.0, float(tails.uniform(0.3, 0.75)), min(frac, 0.8) * 0.85, _pt(perp), hu, a.side, a.order, group))
         group += 1
     return emboli
 
@@ -738,8 +764,13 @@ def sample_spec(
     category: Category | None = None,
     pe_type: PEType | None = None,
     mix: dict[str, float] | None = None,
+    max_slice_spacing_mm: float | None = None,
 ) -> PhantomSpec:
     """Draw a complete study description from ``np.random.default_rng(seed)``.
+
+    ``max_slice_spacing_mm`` (small studies): more slices than ``slices`` asks for when
+    needed to keep the spacing (and thickness) at most this (a node refuses thick
+    reconstructions as CTPA, 3 mm by default).
 
     ``size`` "small": 128² pixels, 64–96 slices of 2.5–4.5 mm (CPU training,
     tests); "full": 512², 200–400 slices of 0.6–1.5 mm spacing (thickness up
@@ -774,15 +805,31 @@ def sample_spec(
         else:
             reasons = ("qa_motion",)
 
+    # Variety drawn from a stream of its own (the draws above and below are those of earlier versions):
+    # partial coverage, kernel families and noise texture, mixing artefacts, clot tails.
+    more = np.random.default_rng([seed, 7])
+    u_cover = float(more.random())
+    coverage = "fov" if u_cover < 0.12 else ("z" if u_cover < 0.22 else "")
+
     # scanner geometry
     n_lo, n_hi = _parse_slices(slices, size)
-    span = (an.apex_z + 12 * an.scale) - (an.dome_left_z - an.dome_depth - 12 * an.scale)
+    top, bottom = an.apex_z + 12 * an.scale, an.dome_left_z - an.dome_depth - 12 * an.scale
+    span = top - bottom
     # small studies crop the field of view to the body (more pixels on the chest)
     fov_factor = rng.uniform(1.02, 1.08) if size == "small" else rng.uniform(1.04, 1.2)
+    if coverage == "fov":
+        fov_factor = float(more.uniform(0.8, 0.97))  # a reconstruction that cuts the body at the sides
     fov = float(np.clip(2 * an.body_a * fov_factor, 300, 480))
+    z_shift = 0.0
+    if coverage == "z":  # a series that covers part of the chest only
+        keep = float(more.uniform(0.5, 0.85))
+        z_shift = float(more.uniform(-0.5, 0.5)) * (1 - keep) * span
+        span *= keep
     if size == "small":
         nxy = 128
         n = int(rng.integers(n_lo, n_hi + 1))
+        if max_slice_spacing_mm is not None and span / n > max_slice_spacing_mm:
+            n = int(math.ceil(span / max_slice_spacing_mm))
         dz = float(np.clip(span / n, 2.0, 5.0))
         thick = dz
     else:
@@ -794,7 +841,7 @@ def sample_spec(
         thick = float(min(3.0, dz * float(rng.choice([1.0, 1.0, 1.25, 1.5, 2.0]))))
         thick = max(thick, 0.6)
     ps = fov / nxy
-    z_mid = 0.5 * ((an.apex_z + 12 * an.scale) + (an.dome_left_z - an.dome_depth - 12 * an.scale))
+    z_mid = 0.5 * (top + bottom) + z_shift
     z0 = z_mid - 0.5 * (n - 1) * dz + float(rng.uniform(-8, 8))
     cx = float(rng.uniform(-3, 3) if size == "small" else rng.uniform(-10, 10))
     cy = float(rng.uniform(-5, 25))  # the table sits behind the patient: body a bit anterior of centre
@@ -803,6 +850,12 @@ def sample_spec(
     kernel, kvp, noise, psf = _sample_scanner(rng)
     if category == "indeterminate":
         noise *= 1.3
+    family = float(more.random())
+    if family < 0.2:  # a sharp (lung/bone) kernel: crisp and noisy
+        kernel, psf, noise = kernel + "-sharp", psf * 0.55, noise * float(more.uniform(1.6, 2.6))
+    elif family < 0.4:  # a soft kernel or iterative reconstruction: smooth, blotchy noise
+        kernel, psf, noise = kernel + "-soft", psf * float(more.uniform(1.4, 2.0)), noise * float(more.uniform(0.45, 0.8))
+    noise_corr = float(more.uniform(0.4, 1.2)) if family >= 0.2 and more.random() < 0.5 else 0.0
 
     r_min = 0.5 if size == "full" else 0.9
     arteries, veins, bronchi = _build_vessels(rng, an, r_min)
@@ -810,7 +863,7 @@ def sample_spec(
     emboli: list[Embolus] = []
     if category == "positive" and pe_type is not None:
         hard = rng.random() < 0.15
-        emboli = _sample_emboli(rng, arteries, pe_type, hard, max(0.9, 0.6 * ps))
+        emboli = _sample_emboli(rng, arteries, pe_type, hard, max(0.9, 0.6 * ps), tails=more)
 
     # hilar / mediastinal lymph nodes: soft-tissue blobs next to the arteries (mimics)
     nodes = []
@@ -826,6 +879,7 @@ def sample_spec(
         k0 = int(rng.integers(0, max(1, n // 3)))
         motion = (k0, min(n - 1, k0 + int(n * rng.uniform(0.3, 0.6))))
     flow = bool(rng.random() < 0.2)
+    mixing = bool(more.random() < (0.25 if category != "positive" else 0.1))
 
     return PhantomSpec(
         seed=seed,
@@ -850,6 +904,9 @@ def sample_spec(
         emboli=tuple(emboli),
         motion_slices=motion,
         flow_artifact=flow,
+        noise_corr_mm=noise_corr,
+        trunk_mixing=mixing,
+        partial_coverage=coverage,
     )
 
 
@@ -1140,6 +1197,10 @@ def _paint_arteries(cv: _Canvas, spec: PhantomSpec, keep_mask: bool) -> np.ndarr
         if spec.flow_artifact and seg.order == 2 and seg.p1[2] < seg.p0[2]:
             # mixing of unopacified IVC blood: lower-lobe arteries less dense, never down to clot HU
             hu = np.float32(40) + np.float32(an.hu_right_blood - 40) * (np.float32(0.72) + np.float32(0.28) * (1 - t))
+        elif spec.trunk_mixing and seg.order == 0:
+            # unopacified blood layering in the proximal trunk: a smooth, partial drop, never to clot HU
+            drop = np.float32(0.35) * np.clip(np.float32(1.0) - t / np.float32(0.6), 0.0, 1.0)
+            hu = np.float32(max(an.hu_right_blood * 0.65, 150.0)) + np.float32(an.hu_right_blood - max(an.hu_right_blood * 0.65, 150.0)) * (1 - drop / np.float32(0.35))
         sub = cv.vol[sl]
         sub += (hu - sub) * cov
         if mask is not None:
@@ -1225,10 +1286,16 @@ def _degrade(vol: np.ndarray, spec: PhantomSpec, rng: np.random.Generator) -> No
         for k in range(k0, k1 + 1, max(2, (k1 - k0) // 4)):
             vol[k : k + 2] = np.roll(vol[k : k + 2], int(rng.integers(-shift, shift + 1)), axis=1)
     sigma_px = spec.psf_sigma_mm / spec.pixel_spacing
-    noise_gain = 1.0
-    if sigma_px > 0.3:
-        noise_gain = 2.0 * math.sqrt(math.pi) * sigma_px  # keep the SD after blurring the noise
     noise = rng.standard_normal(vol.shape, dtype=np.float32)
+    corr_px = spec.noise_corr_mm / spec.pixel_spacing
+    if corr_px > 0.3:  # noise texture: correlated in-plane, back to unit SD (a 2-D Gaussian divides it by 2 sqrt(pi) sigma)
+        ndimage.gaussian_filter(noise, (0, corr_px, corr_px), output=noise, truncate=2.5)
+        noise *= np.float32(2.0 * math.sqrt(math.pi) * corr_px)
+    else:
+        corr_px = 0.0
+    noise_gain = 1.0
+    if sigma_px > 0.3:  # keep the SD after the scanner blur below: white noise loses 2 sqrt(pi) sigma, correlated less
+        noise_gain = math.sqrt(corr_px**2 + sigma_px**2) / corr_px if corr_px else 2.0 * math.sqrt(math.pi) * sigma_px
     noise *= np.float32(spec.noise_sd * noise_gain)
     vol += noise
     del noise

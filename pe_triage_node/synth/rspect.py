@@ -2,7 +2,8 @@
 
 ``OUT/train/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` plus
 ``OUT/train.csv`` (one row per slice, the challenge's columns with the study
-labels repeated on every row) and ``OUT/phantoms.json`` (each study's spec:
+labels repeated on every row), ``OUT/train_masks/<SeriesInstanceUID>.npz`` (each
+study's embolus voxels, see :func:`pe_triage_node.evaluation.read_embolus_mask`) and ``OUT/phantoms.json`` (each study's spec:
 emboli, RV/LV ratio, subsegmental flags). The same loader reads this and the
 real Kaggle download.
 """
@@ -167,6 +168,17 @@ def write_phantom_study(phantom: Phantom, out_dir: Path, *, split: str = "train"
     return WrittenStudy(ident.study_instance_uid, series_uid, tuple(sops), series_dir)
 
 
+def write_study_mask(phantom: Phantom, written: WrittenStudy, out_dir: Path, *, split: str = "train") -> Path:
+    """The study's embolus mask beside the CSV (``<split>_masks/<SeriesInstanceUID>.npz``), one plane per
+    SOP instance in its pixel grid, aligned with the CSV's ``pe_present_on_image`` (both come from the
+    same rendered embolus voxels). Needs a phantom rendered with ``keep_masks``."""
+    from pe_triage_node.evaluation import mask_path, write_embolus_mask
+
+    if phantom.embolus_index is None:
+        raise ValueError("render the phantom with keep_masks=True to write its embolus mask")
+    return write_embolus_mask(mask_path(out_dir, split, written.series_instance_uid), phantom.embolus_index, written.sop_instance_uids)
+
+
 def csv_rows(phantom: Phantom, written: WrittenStudy) -> list[dict[str, Any]]:
     """``train.csv`` rows of one study, in slice order (inferior first)."""
     study = phantom.labels.as_dict()
@@ -234,8 +246,9 @@ def write_rspect_dataset(
         for i in range(studies):
             t0 = time.perf_counter()
             s = study_seed(seed, i)
-            phantom = render_phantom(sample_spec(s, size=size, slices=slices, mix=mix))
+            phantom = render_phantom(sample_spec(s, size=size, slices=slices, mix=mix), keep_masks=True)
             written = write_phantom_study(phantom, out_dir, split=split)
+            write_study_mask(phantom, written, out_dir, split=split)
             writer.writerows(csv_rows(phantom, written))
             fh.flush()
             rec = phantom_record(phantom, written)
@@ -282,4 +295,5 @@ __all__: Sequence[str] = (
     "read_train_csv",
     "write_phantom_study",
     "write_rspect_dataset",
+    "write_study_mask",
 )

@@ -16,6 +16,8 @@ from pe_triage_node.evaluation import (
     StudyPrediction,
     auroc_ci,
     build_report,
+    pointing_game,
+    pointing_hit,
     choose_threshold,
     delong_auroc,
     roc_points,
@@ -138,7 +140,7 @@ def test_evaluate_cli_writes_report(tmp_path: Path) -> None:
     from pe_triage_node.synth.rspect import write_rspect_dataset
 
     data = tmp_path / "data"
-    write_rspect_dataset(data, studies=2, seed=5, size="small", slices=(24, 28))
+    write_rspect_dataset(data, studies=3, seed=5, size="small", slices=(40, 44), mix={"positive": 1.0})
     manifest = _tiny_weights(tmp_path)
     parser = argparse.ArgumentParser()
     evaluation.register(parser.add_subparsers(dest="command"))
@@ -147,9 +149,39 @@ def test_evaluate_cli_writes_report(tmp_path: Path) -> None:
     assert args.handler(args) == 0
     rep = json.loads(out.read_text())
     assert rep["format"] == "pe-triage-evaluation/1"
-    assert rep["n_studies"] == 2 and rep["n_windows"] > 2
+    assert rep["n_studies"] == 3 and rep["n_windows"] > 3
+    pg = rep["pointing_game"]  # every study with emboli has its mask beside the CSV
+    assert pg["n_studies"] == sum(1 for r in json.loads((data / "phantoms.json").read_text())["records"] if r["n_emboli"]) >= 1
+    assert pg["hits"] <= pg["n_studies"] and pg["n_with_map"] <= pg["n_studies"]
     for key in ("metrics", "thresholds", "subsegmental_only", "study_pe_detection", "phase1_window", "model", "data", "roc_png"):
         assert key in rep
     assert rep["model"]["input_size"] == 32
     for k in (WINDOW_LABEL, *STUDY_LABELS):
         assert {"auroc", "ci95", "sensitivity", "specificity", "threshold", "n_positive", "n_negative"} <= set(rep["metrics"][k])
+
+
+def test_pointing_hit_measures_millimetres() -> None:
+    mask = np.zeros((5, 20, 20), dtype=np.uint8)
+    mask[2, 10, 10] = 1
+    positions = [0.0, 3.0, 6.0, 9.0, 12.0]
+    spacing = (3.0, 0.8, 0.8)
+    assert pointing_hit(mask, spacing, positions, (2, 10.0, 10.0)) == {"has_map": True, "hit": True, "distance_mm": 0.0}
+    near = pointing_hit(mask, spacing, positions, (4, 10.0, 10.0))  # two slices away: 6 mm
+    assert near["hit"] and near["distance_mm"] == 6.0
+    far = pointing_hit(mask, spacing, positions, (2, 10.0, 0.0))  # 10 columns x 0.8 mm = 8 mm
+    assert far["hit"] and far["distance_mm"] == 8.0
+    miss = pointing_hit(mask, spacing, positions, (0, 0.0, 0.0))  # sqrt(6^2 + 8^2 + 8^2) mm
+    assert not miss["hit"] and miss["distance_mm"] == pytest.approx(12.8, abs=0.05)
+    assert pointing_hit(mask, spacing, positions, None) == {"has_map": False, "hit": False, "distance_mm": None}
+
+
+def test_pointing_game_counts_studies_without_a_map_as_misses() -> None:
+    preds = [_pred(i, True) for i in range(4)]
+    preds[0].pointing = {"has_map": True, "hit": True, "distance_mm": 2.0}
+    preds[1].pointing = {"has_map": True, "hit": False, "distance_mm": 30.0}
+    preds[2].pointing = {"has_map": False, "hit": False, "distance_mm": None}
+    pg = pointing_game(preds)
+    assert pg["n_studies"] == 3 and pg["hits"] == 1 and pg["fraction"] == pytest.approx(1 / 3)
+    assert pg["n_with_map"] == 2 and pg["fraction_with_map"] == 0.5 and pg["median_distance_mm"] == 16.0
+    assert 0 <= pg["ci95"][0] < pg["fraction"] < pg["ci95"][1] <= 1
+    assert pointing_game([_pred(0, True)])["n_studies"] == 0
