@@ -21,16 +21,19 @@ from typing import Any
 import numpy as np
 from pydicom.uid import generate_uid
 
-from pe_triage_node.synth.ct_series import SYNTH_UID_PREFIX, StudyIdentity, write_ct_series
-from pe_triage_node.synth.phantom import (
+from pe_triage_node.synth.ct_series import (
+    SYNTH_UID_PREFIX,
+    StudyIdentity,
+    write_ct_series,
+)
+from pe_triage_node.synth.phantom import render_phantom
+from pe_triage_node.synth.sampling import sample_spec, study_seed
+from pe_triage_node.synth.spec import (
     DEFAULT_MIX,
     SLICE_LABEL,
     STUDY_LABELS,
     Phantom,
     Size,
-    render_phantom,
-    sample_spec,
-    study_seed,
 )
 
 # Column order of the Kaggle ``train.csv`` (a superset of the ten labels: the
