@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pe_triage_node.evaluation import read_embolus_mask, read_rspect
+from pe_triage_node.rspect import read_embolus_mask, read_rspect
 from pe_triage_node.inference.volume import WINDOW_SLICES
 from training.common import write_json
 

@@ -28,7 +28,8 @@ def _slices(text: str) -> int | tuple[int, int]:
 
 def _synth(args: argparse.Namespace) -> int:
     """Generate the phantoms and report one line per study on stderr."""
-    from pe_triage_node.synth.rspect import phantoms_json_name, write_rspect_dataset
+    from pe_triage_node.rspect import phantoms_json_name
+    from pe_triage_node.synth.rspect import write_rspect_dataset
 
     out: Path = args.out_dir
     split_dir = out / args.split

@@ -3,7 +3,7 @@
 ``OUT/train/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` plus
 ``OUT/train.csv`` (one row per slice, the challenge's columns with the study
 labels repeated on every row), ``OUT/train_masks/<SeriesInstanceUID>.npz`` (each
-study's embolus voxels, see :func:`pe_triage_node.evaluation.read_embolus_mask`) and ``OUT/phantoms.json`` (each study's spec:
+study's embolus voxels, see :func:`pe_triage_node.rspect.read_embolus_mask`) and ``OUT/phantoms.json`` (each study's spec:
 emboli, RV/LV ratio, subsegmental flags). The same loader reads this and the
 real Kaggle download.
 """
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from pydicom.uid import generate_uid
 
+from pe_triage_node.rspect import CSV_COLUMNS, phantoms_json_name
 from pe_triage_node.synth.ct_series import (
     SYNTH_UID_PREFIX,
     StudyIdentity,
@@ -31,33 +32,10 @@ from pe_triage_node.synth.sampling import sample_spec, study_seed
 from pe_triage_node.synth.spec import (
     DEFAULT_MIX,
     SLICE_LABEL,
-    STUDY_LABELS,
     Phantom,
     Size,
 )
 
-# Column order of the Kaggle ``train.csv`` (a superset of the ten labels: the
-# four QA/finding flags are kept so that one reader serves both data sets).
-CSV_COLUMNS: tuple[str, ...] = (
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPInstanceUID",
-    "pe_present_on_image",
-    "negative_exam_for_pe",
-    "qa_motion",
-    "qa_contrast",
-    "flow_artifact",
-    "rv_lv_ratio_gte_1",
-    "rv_lv_ratio_lt_1",
-    "leftsided_pe",
-    "chronic_pe",
-    "true_filling_defect_not_pe",
-    "rightsided_pe",
-    "acute_and_chronic_pe",
-    "central_pe",
-    "indeterminate",
-)
-LABEL_COLUMNS: tuple[str, ...] = (SLICE_LABEL,) + STUDY_LABELS
 NOT_FOR_DIAGNOSTIC_USE = "SYNTHETIC PHANTOM - NOT FOR DIAGNOSTIC USE"
 
 _AGENTS = (
@@ -175,7 +153,7 @@ def write_study_mask(phantom: Phantom, written: WrittenStudy, out_dir: Path, *, 
     """The study's embolus mask beside the CSV (``<split>_masks/<SeriesInstanceUID>.npz``), one plane per
     SOP instance in its pixel grid, aligned with the CSV's ``pe_present_on_image`` (both come from the
     same rendered embolus voxels). Needs a phantom rendered with ``keep_masks``."""
-    from pe_triage_node.evaluation import mask_path, write_embolus_mask
+    from pe_triage_node.rspect import mask_path, write_embolus_mask
 
     if phantom.embolus_index is None:
         raise ValueError("render the phantom with keep_masks=True to write its embolus mask")
@@ -275,27 +253,12 @@ def write_rspect_dataset(
     return records
 
 
-def phantoms_json_name(split: str) -> str:
-    """``phantoms.json`` for the train split (as documented), ``phantoms_<split>.json`` for others."""
-    return "phantoms.json" if split == "train" else f"phantoms_{split}.json"
-
-
-def read_train_csv(path: Path) -> list[dict[str, str]]:
-    """Rows of an RSPECT-format CSV as dicts of strings (tests, quick checks)."""
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 __all__: Sequence[str] = (
-    "CSV_COLUMNS",
-    "LABEL_COLUMNS",
     "WrittenStudy",
     "csv_rows",
     "ctpa_attributes",
     "phantom_identity",
     "phantom_record",
-    "phantoms_json_name",
-    "read_train_csv",
     "write_phantom_study",
     "write_rspect_dataset",
     "write_study_mask",

@@ -15,7 +15,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from pe_triage_node.cli import main
 from pe_triage_node.synth.phantom import STUDY_LABELS, generate_phantom
-from pe_triage_node.synth.rspect import CSV_COLUMNS, read_train_csv
+from pe_triage_node.rspect import CSV_COLUMNS, read_train_csv
 
 DCIODVFY = shutil.which("dciodvfy")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from pe_triage_node.evaluation import EmbolusMask, mask_path, read_embolus_mask, read_rspect, write_embolus_mask
+from pe_triage_node.rspect import EmbolusMask, mask_path, read_embolus_mask, read_rspect, write_embolus_mask
 from pe_triage_node.synth.rspect import write_rspect_dataset
 
 
