@@ -19,8 +19,9 @@ worker's timings:
 
 Then the engine's own time for the same series (same weights, device and
 settings, model already loaded) is measured in this process, after the node has
-stopped. Goal: end to end within 1.5 x the engine's own time. The last line is
-one JSON object with all figures. Uses the demo weights (models/demo) when
+stopped. Goals: end to end within 1.5 x the engine's own time, and ``overhead_s``
+(end to end minus the worker's phase 1 + phase 2 + Grad-CAM, same run) <= 1.0 s.
+The last line is one JSON object with all figures. Uses the demo weights (models/demo) when
 present, else random weights (the timings are the same; the findings are not).
 """
 
@@ -184,12 +185,17 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     ratio = end_to_end / engine_s
+    # the model's own compute inside the worker, same run: what no overhead work can take away
+    model_compute = sum(timings.get(k, 0.0) for k in ("phase1", "phase2", "gradcam"))
+    overhead = end_to_end - model_compute
     print(f"end to end (last ack -> SR at destination): {end_to_end:.2f} s")
     for k, v in stages.items():
         print(f"  {k:24s} {v:8.2f} s")
     print(f"engine's own time, same series:             {engine_s:.2f} s (stages {own_result.timings_s})")
     print(f"ratio {ratio:.2f} (goal <= 1.5); overhead {end_to_end - engine_s:+.2f} s; "
           f"vs the inference inside the worker {end_to_end / stages['inference_s']:.2f}")
+    print(f"model compute in the worker (phase 1 + phase 2 + Grad-CAM) {model_compute:.2f} s; "
+          f"overhead_s {overhead:.2f} (goal <= 1.0)")
     print(json.dumps({
         "benchmark": "end_to_end",
         "slices": len(files),
@@ -210,6 +216,11 @@ def main() -> int:
         "met": ratio <= 1.5,
         "priority": priority,
         "poll_interval_s": args.poll_s,
+        # end to end minus the worker's phase 1 + phase 2 + Grad-CAM (issue 12: goal <= 1.0 s on this CPU)
+        "model_compute_s": round(model_compute, 3),
+        "overhead_s": round(overhead, 3),
+        "goal_overhead_s": 1.0,
+        "overhead_met": overhead <= 1.0,
     }))
     return 0
 
