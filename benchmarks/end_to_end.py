@@ -13,9 +13,9 @@ worker's timings:
 * assembly wait: last instance stored -> series complete and its job queued
 * queue wait: infer job queued -> claimed by the worker
 * inference: the engine's ``analyse`` inside the worker
-* rendering: SR + SCs (+ PNGs) rendered and written
-* store: results row + export jobs committed, infer job completed
-* export: export job queued -> SR file written by storescp (poll, association, C-STOREs)
+* rendering: what is rendered before the SR is stored (the SR; the images come after it)
+* store: results row + the SR's export job committed
+* export: the SR's export job queued -> SR file written by storescp (poll, association, C-STORE)
 
 Then the engine's own time for the same series (same weights, device and
 settings, model already loaded) is measured in this process, after the node has
@@ -133,10 +133,12 @@ def main() -> int:
         t_sr = sr.stat().st_mtime
         engine = make_engine(db_url)
 
-        def export_done() -> bool:
+        def export_done() -> bool:  # every export job (the SR's, then the images')
             with Session(engine) as s:
-                return bool(s.scalar(select(func.count()).select_from(Job).where(
-                    Job.kind == JobKind.export, Job.finished_at.is_not(None))))
+                jobs = s.scalars(select(Job.finished_at).where(Job.kind == JobKind.export)).all()
+                infer_done = s.scalar(select(func.count()).select_from(Job).where(
+                    Job.kind == JobKind.infer, Job.finished_at.is_not(None)))
+            return bool(jobs) and bool(infer_done) and all(at is not None for at in jobs)
 
         node_support.wait_until(export_done, 120, "the export job to complete", procs=[node], log_path=log_path)
         with Session(engine) as s:
@@ -144,7 +146,8 @@ def main() -> int:
             series = s.scalars(select(Series)).one()
             infer = s.scalars(select(Job).where(Job.kind == JobKind.infer)).one()
             claimed = _ts(s.scalar(select(JobEvent.at).where(JobEvent.job_id == infer.id, JobEvent.event == "claimed")))
-            export = s.scalars(select(Job).where(Job.kind == JobKind.export)).one()
+            export = s.scalars(select(Job).where(Job.kind == JobKind.export).order_by(Job.id)).first()  # the SR's
+            assert export is not None
             result = s.scalars(select(TriageResult)).one()
             timings = json.loads(result.result_json)["timings_s"]
             priority = result.priority
