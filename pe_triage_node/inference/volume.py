@@ -13,12 +13,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pydicom
@@ -32,20 +29,6 @@ WINDOW_SLICES = 10  # slices per phase-1 window (MODEL.md, preprocessing step 5)
 CT_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"})
 _ORIENTATION_TOL = 1e-3  # max difference between direction cosines of one series
 _GAP_FACTOR = 1.5  # a step this many times the median step means missing slices
-#: Threads reading and decoding slices: pydicom's file reads and numpy's conversions release the GIL.
-LOAD_THREADS = max(1, min(4, os.cpu_count() or 1))
-
-_T = TypeVar("_T")
-_R = TypeVar("_R")
-
-
-def _in_threads(fn: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
-    """``[fn(x) for x in items]`` on :data:`LOAD_THREADS` threads, in order; the first exception is raised."""
-    items = list(items)
-    if LOAD_THREADS == 1 or len(items) < 2:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="load-slices") as pool:
-        return list(pool.map(fn, items))
 
 
 @dataclass
@@ -175,10 +158,9 @@ def load_ct_volume(
         dicom_dir = Path(source)
         if not dicom_dir.is_dir():
             raise VolumeRejected(f"not a folder: {dicom_dir}")
-        found = _in_threads(_read_header, [p for p in sorted(dicom_dir.iterdir()) if p.is_file()])
+        headers = [h for p in sorted(dicom_dir.iterdir()) if p.is_file() and (h := _read_header(p)) is not None]
     else:
-        found = _in_threads(functools.partial(_read_header, skip_unreadable=False), [Path(p) for p in source])
-    headers = [h for h in found if h is not None]
+        headers = [h for p in source if (h := _read_header(Path(p), skip_unreadable=False)) is not None]
     if not headers:
         raise VolumeRejected("no DICOM CT slices in the folder")
     if len(headers) < min_slices:
@@ -236,9 +218,6 @@ def load_ct_volume(
             agent = str(ds.get("ContrastBolusAgent", "") or "")
         elif str(ds.get("SeriesInstanceUID", "")) != series_uid:
             raise VolumeRejected("files of more than one series in the folder")
-
-    def decode(i: int) -> None:
-        ds = headers[i].dataset
         try:
             pixels = ds.pixel_array
         except Exception as exc:  # decoder errors come in many types
@@ -246,10 +225,7 @@ def load_ct_volume(
         del ds.PixelData  # free the encoded bytes as we go
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        np.multiply(pixels, np.float32(slope), out=hu[i], casting="unsafe")
-        hu[i] += np.float32(intercept)
-
-    _in_threads(decode, range(n))
+        hu[i] = pixels.astype(np.float32) * slope + intercept
 
     # Canonical in-plane directions: rows along +x (patient left), columns along +y (posterior).
     if row_cos[0] < 0:
