@@ -78,6 +78,7 @@ from pe_triage_node.queue import (
     run_until_stopped,
     worker_identity,
 )
+from pe_triage_node.queue.wakeup import Wakeup
 from pe_triage_node.rules import Priority, PriorityDecision, priority_rank
 
 log = logging.getLogger(__name__)
@@ -310,7 +311,8 @@ class Exporter:
     # the loop
     def run_forever(self, stop_event: threading.Event, *, on_start: Callable[[], None] | None = None) -> None:
         """Run export jobs one after the other until ``stop_event`` is set; poll every
-        ``export.poll_interval_s`` while none is due (a retry is due once its backoff passed).
+        ``export.poll_interval_s`` while none is due (a retry is due once its backoff passed),
+        and claim at once when a new one is announced (:mod:`pe_triage_node.queue.wakeup`).
 
         One loop, one job at a time: a send that takes longer than the poll
         interval simply delays the next poll. A job in progress is finished before returning.
@@ -319,7 +321,9 @@ class Exporter:
                  self.worker_id, len(self._destinations), "on" if self.cfg.export.webhook_url else "off")
         if on_start is not None:
             on_start()
-        run_until_stopped(self.process_one, stop_event, self.cfg.export.poll_interval_s, f"exporter {self.worker_id}")
+        with Wakeup(self.engine, JobKind.export) as wakeup:
+            run_until_stopped(self.process_one, stop_event, self.cfg.export.poll_interval_s, f"exporter {self.worker_id}",
+                              wakeup=wakeup)
         log.info("exporter %s stopped", self.worker_id)
 
 

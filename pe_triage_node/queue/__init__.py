@@ -49,6 +49,7 @@ from pe_triage_node.queue.jobs import (
     worker_identity,
 )
 from pe_triage_node.queue.lease import LeaseKeeper, LeaseLost, renewal_period, run_until_stopped
+from pe_triage_node.queue.wakeup import Wakeup, announce
 
 __all__ = [
     "DEFAULT_MAX_WAIT_S",
@@ -59,6 +60,8 @@ __all__ = [
     "JobState",
     "LeaseKeeper",
     "LeaseLost",
+    "Wakeup",
+    "announce",
     "as_utc",
     "backoff_delay",
     "claim",

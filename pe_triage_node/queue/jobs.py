@@ -50,6 +50,7 @@ from sqlalchemy.orm import Session
 
 from pe_triage_node.db.models import Job, JobEvent, JobKind, JobState
 from pe_triage_node.db.session import read_only
+from pe_triage_node.queue.wakeup import announce
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,8 @@ def enqueue(
             return _merge_duplicate(session, existing, priority, at)
     _event(session, job.id, at, "queued", detail=f"priority={priority}")
     session.flush()
+    if not_before is None or as_utc(not_before) <= at:
+        announce(session, kind)  # its consumers wake when the caller commits
     log.info(
         "job %d queued kind=%s series=%s priority=%d", job.id, kind.value, series_instance_uid, priority
     )

@@ -88,6 +88,7 @@ from pe_triage_node.queue import (
     supersede_queued,
     worker_identity,
 )
+from pe_triage_node.queue.wakeup import Wakeup
 
 if TYPE_CHECKING:  # torch only where the engine is built
     from pydicom.dataset import Dataset
@@ -456,14 +457,17 @@ class InferenceWorker:
 
     # -- the loop ----------------------------------------------------------------
     def run_forever(self, stop: threading.Event) -> None:
-        """Run jobs until ``stop`` is set; poll every ``queue.poll_interval_s`` while idle.
+        """Run jobs until ``stop`` is set; poll every ``queue.poll_interval_s`` while idle, and claim at
+        once when a new job is announced (:mod:`pe_triage_node.queue.wakeup`).
 
         A job in progress is finished before returning (its lease would otherwise
         have to expire before another worker could take it).
         """
         log.info("worker %s started (device %s)", self.worker_id, getattr(self.model, "device", "?"))
         self.remove_stale_staging()
-        run_until_stopped(self.process_one, stop, self.cfg.queue.poll_interval_s, f"worker {self.worker_id}")
+        with Wakeup(self.engine, JobKind.infer) as wakeup:
+            run_until_stopped(self.process_one, stop, self.cfg.queue.poll_interval_s, f"worker {self.worker_id}",
+                              wakeup=wakeup)
         log.info("worker %s stopped", self.worker_id)
 
 
