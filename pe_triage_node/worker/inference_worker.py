@@ -224,13 +224,14 @@ class InferenceWorker:
         t_render = time.perf_counter()
         staging_root = self.outputs_root / STAGING_DIR
         staging_root.mkdir(parents=True, exist_ok=True)
-        decision = verdict.decision
+        earlier = self._stored_result(job, current, result)
+        # An earlier attempt's decision, when it stored one: the images say what its SR says.
+        stored, decision = earlier if earlier is not None else (None, verdict.decision)
         with tempfile.TemporaryDirectory(dir=staging_root, prefix=f"job-{job.id}-") as staging:
             source = OutputSource.of(result, volume, decision, uid_prefix=self.cfg.export.uid_prefix,
                                      generation=current.generation, previous=previous)
             del volume  # the source holds what the images still need
             try:
-                stored = self._stored_result(job, current, result)
                 if stored is None:  # the SR first: stored, placed and queued before the images are rendered
                     sr_paths = write_datasets([render_sr(source)], Path(staging))
                     render_s = time.perf_counter() - t_render
@@ -321,16 +322,23 @@ class InferenceWorker:
         )
         return cast(CursorResult[Any], result).rowcount == 1
 
-    def _stored_result(self, job: ClaimedJob, current: _SeriesFiles, result: StudyResult) -> int | None:
-        """The ``results`` row an earlier attempt of this job stored with its SR (then died before the
-        images were stored), for this generation and model; ``None`` when there is none."""
+    def _stored_result(self, job: ClaimedJob, current: _SeriesFiles,
+                       result: StudyResult) -> tuple[int, PriorityDecision] | None:
+        """The ``results`` row (id, decision) an earlier attempt of this job stored with its SR, then
+        died before the images were stored, for this generation and model; ``None`` when there is none."""
+        from pe_triage_node.rules import Priority, PriorityDecision
+
         with Session(self.engine) as s:
-            return s.scalar(
-                select(TriageResult.id)
+            row = s.scalars(
+                select(TriageResult)
                 .where(TriageResult.job_id == job.id, TriageResult.generation == current.generation,
                        TriageResult.model_version == result.model_version[:64])
                 .order_by(TriageResult.id.desc()).limit(1)
-            )
+            ).one_or_none()
+            if row is None:
+                return None
+            flags = tuple(str(f) for f in json.loads(row.flags or "[]"))
+            return int(row.id), PriorityDecision(Priority(row.priority), row.rule_name, None, flags, row.explanation or "")
 
     def _store(
         self,
