@@ -81,9 +81,10 @@ def renewal_period(heartbeat_s: float, lease_s: float, floor_s: float = 0.2) -> 
 
 
 def run_until_stopped(process_one: Callable[[], object], stop: threading.Event, poll_interval_s: float, who: str,
-                      *, wakeup: Wakeup | None = None) -> None:
+                      *, wakeup: Wakeup | None = None, idle: Callable[[], bool] | None = None) -> None:
     """Call ``process_one`` until ``stop`` is set; wait ``poll_interval_s`` after a call that found no job,
-    or less when ``wakeup`` announces a new job (:mod:`.wakeup`).
+    or less when ``wakeup`` announces a new job (:mod:`.wakeup`). ``idle``: a short piece of work done
+    instead of waiting while there is some (it returns ``True``), e.g. decoding slices ahead.
 
     ``process_one`` returns something falsy (``None``/``False``) when no job was
     due. An exception (the database is down) is logged and treated as "no job".
@@ -96,6 +97,8 @@ def run_until_stopped(process_one: Callable[[], object], stop: threading.Event, 
             log.error("%s: claiming or running a job failed", who, exc_info=True)
             ran = None
         if not ran:
+            if idle is not None and idle():
+                continue
             if wakeup is None:
                 stop.wait(poll_interval_s)
             else:

@@ -89,6 +89,7 @@ from pe_triage_node.queue import (
     worker_identity,
 )
 from pe_triage_node.queue.wakeup import Wakeup
+from pe_triage_node.worker.prefetch import SlicePrefetch, run_idle
 
 if TYPE_CHECKING:  # torch only where the engine is built
     from pydicom.dataset import Dataset
@@ -159,6 +160,8 @@ class InferenceWorker:
         self.spool_dir = cfg.spool_dir.absolute()
         self.outputs_root = cfg.resolve(cfg.export.outputs_dir).absolute()
         self._on_stage = on_stage  # tests: called with (job id, stage name)
+        budget = cfg.worker.prefetch_mb * 1024 * 1024
+        self.prefetch = SlicePrefetch(engine, self.spool_dir, budget) if budget > 0 else None
 
     # -- one job -----------------------------------------------------------------
     def process_one(self) -> JobOutcome | None:
@@ -204,8 +207,12 @@ class InferenceWorker:
         try:
             with library_warnings_logged(f"job {job.id} series={uid}"):
                 # Loaded here, not by analyse(), so that the rules and the outputs read the same headers and HU.
-                volume = load_ct_volume(current.files, max_tilt_deg=self.model.max_tilt_deg, keep_datasets=True)
+                used = self.prefetch.used if self.prefetch is not None else 0
+                volume = load_ct_volume(current.files, max_tilt_deg=self.model.max_tilt_deg, keep_datasets=True,
+                                        prefetched=self.prefetch.take if self.prefetch is not None else None)
                 load_s = time.perf_counter() - t0
+                if self.prefetch is not None:
+                    log.info("job %d: %d of %d slices decoded ahead", job.id, self.prefetch.used - used, len(current.files))
                 if volume.series_instance_uid != uid:
                     raise RuntimeError("the spool files recorded for the series hold another series")
                 self._stage(job, "inference")
@@ -466,7 +473,8 @@ class InferenceWorker:
     # -- the loop ----------------------------------------------------------------
     def run_forever(self, stop: threading.Event) -> None:
         """Run jobs until ``stop`` is set; poll every ``queue.poll_interval_s`` while idle, and claim at
-        once when a new job is announced (:mod:`pe_triage_node.queue.wakeup`).
+        once when a new job is announced (:mod:`pe_triage_node.queue.wakeup`). While idle, decode
+        the slices of series still arriving (:mod:`.prefetch`).
 
         A job in progress is finished before returning (its lease would otherwise
         have to expire before another worker could take it).
@@ -475,7 +483,7 @@ class InferenceWorker:
         self.remove_stale_staging()
         with Wakeup(self.engine, JobKind.infer) as wakeup:
             run_until_stopped(self.process_one, stop, self.cfg.queue.poll_interval_s, f"worker {self.worker_id}",
-                              wakeup=wakeup)
+                              wakeup=wakeup, idle=lambda: run_idle(self.prefetch))
         log.info("worker %s stopped", self.worker_id)
 
 
