@@ -251,14 +251,14 @@ def load_ct_volume(
             agent = str(ds.get("ContrastBolusAgent", "") or "")
         elif str(ds.get("SeriesInstanceUID", "")) != series_uid:
             raise VolumeRejected("files of more than one series in the folder")
-        hu[i] = h.hu if h.hu is not None else slice_hu(ds)
-
-    # Canonical in-plane directions: rows along +x (patient left), columns along +y (posterior).
-    if row_cos[0] < 0:
-        hu = hu[:, :, ::-1]
-    if col_cos[1] < 0:
-        hu = hu[:, ::-1, :]
-    hu = np.ascontiguousarray(hu)
+        image = h.hu if h.hu is not None else slice_hu(ds)
+        # Canonical in-plane directions: rows along +x (patient left), columns along +y (posterior);
+        # flipped slice by slice as it is copied in (no second copy of the whole volume).
+        if row_cos[0] < 0:
+            image = image[:, ::-1]
+        if col_cos[1] < 0:
+            image = image[::-1, :]
+        hu[i] = image
     return CTVolume(
         hu=hu,
         spacing=(spacing_z, ref.pixel_spacing[0], ref.pixel_spacing[1]),
