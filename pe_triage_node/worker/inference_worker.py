@@ -6,6 +6,7 @@ One job at a time per process::
          │ yes
          ▼
     load the instance files by their paths in the spool ──▶ engine.analyse
+         │ (slices decoded ahead while the series arrived come from memory, :mod:`.prefetch`)
          │ InputRejected (the engine refuses the series, a reason a person can read)
          │     ──▶ one transaction: rejections row, series rejected, job complete (never a dead letter)
          │ other error (a file missing, the node's own trouble)

@@ -71,6 +71,7 @@ class SlicePrefetch:
         self._entries: OrderedDict[Path, _Entry] = OrderedDict()
         self._pending: deque[Path] = deque()
         self._last_id: int | None = None  # the newest instance row seen
+        self._quiet = True  # the last look found nothing new
         self.decoded = self.used = 0  # counters for the logs and tests
 
     def __len__(self) -> int:
@@ -94,8 +95,9 @@ class SlicePrefetch:
                 .where(Instance.id > self._last_id, Series.state.in_(_STATES))
                 .order_by(Instance.id).limit(512)
             ).all()
-        if rows:
-            log.info("decoding up to %d newly stored slice(s) ahead", len(rows))
+        if rows and self._quiet:  # once per burst of arrivals, not per look
+            log.info("decoding newly stored slice(s) ahead (%d so far)", self.decoded)
+        self._quiet = not rows
         for row_id, spool_path, sop_class in rows:
             self._last_id = max(self._last_id, int(row_id))
             if sop_class in CT_SOP_CLASSES:
