@@ -484,7 +484,7 @@ class InferenceWorker:
         self.remove_stale_staging()
         with Wakeup(self.engine, JobKind.infer) as wakeup:
             run_until_stopped(self.process_one, stop, self.cfg.queue.poll_interval_s, f"worker {self.worker_id}",
-                              wakeup=wakeup, idle=lambda: run_idle(self.prefetch))
+                              wakeup=wakeup, idle=lambda: run_idle(self.prefetch, interrupted=lambda: wakeup.wait(0)))
         log.info("worker %s stopped", self.worker_id)
 
 

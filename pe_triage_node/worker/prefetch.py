@@ -25,6 +25,7 @@ import logging
 import os
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,14 +152,18 @@ class SlicePrefetch:
         return entry.dataset, entry.hu
 
 
-def run_idle(prefetch: SlicePrefetch | None, budget_s: float = 0.05) -> bool:
-    """Decode ahead for at most about ``budget_s`` (a job due waits no longer); ``True`` when there was work."""
+def run_idle(prefetch: SlicePrefetch | None, budget_s: float = 0.05,
+             interrupted: Callable[[], bool] | None = None) -> bool:
+    """Decode ahead, one slice at a time, for at most about ``budget_s`` or until ``interrupted()``
+    (a job was announced: it is claimed before the next slice); ``True`` when there was work."""
     if prefetch is None:
         return False
     t = time.monotonic()
     worked = False
     while time.monotonic() - t < budget_s:
-        if not prefetch.fill(max_slices=2):
+        if not prefetch.fill(max_slices=1):
             break
         worked = True
+        if interrupted is not None and interrupted():
+            break
     return worked
