@@ -25,7 +25,7 @@ import select
 import stat
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from sqlalchemy import Engine, event, text
 from sqlalchemy.orm import Session
@@ -178,15 +178,15 @@ class Wakeup:
         if self._pg is not None:
             try:
                 self._pg.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection
-                pass
+            except Exception as exc:  # noqa: BLE001 - closing a broken connection
+                log.debug("closing the LISTEN connection: %s", exc)
             self._pg = None
         if self._fds is not None:
             for fd in self._fds:
                 os.close(fd)
             self._fds = None
 
-    def __enter__(self) -> Wakeup:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -12,7 +12,14 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from pe_triage_node.queue import JobKind, Wakeup, claim, complete, enqueue, run_until_stopped
+from pe_triage_node.queue import (
+    JobKind,
+    Wakeup,
+    claim,
+    complete,
+    enqueue,
+    run_until_stopped,
+)
 from pe_triage_node.queue.wakeup import pipe_path, poke
 
 
