@@ -13,14 +13,15 @@ worker's timings:
 * assembly wait: last instance stored -> series complete and its job queued
 * queue wait: infer job queued -> claimed by the worker
 * inference: the engine's ``analyse`` inside the worker
-* rendering: SR + SCs (+ PNGs) rendered and written
-* store: results row + export jobs committed, infer job completed
-* export: export job queued -> SR file written by storescp (poll, association, C-STOREs)
+* rendering: what is rendered before the SR is stored (the SR; the images come after it)
+* store: results row + the SR's export job committed
+* export: the SR's export job queued -> SR file written by storescp (poll, association, C-STORE)
 
 Then the engine's own time for the same series (same weights, device and
 settings, model already loaded) is measured in this process, after the node has
-stopped. Goal: end to end within 1.5 x the engine's own time. The last line is
-one JSON object with all figures. Uses the demo weights (models/demo) when
+stopped. Goals: end to end within 1.5 x the engine's own time, and ``overhead_s``
+(end to end minus the worker's phase 1 + phase 2 + Grad-CAM, same run) <= 1.0 s.
+The last line is one JSON object with all figures. Uses the demo weights (models/demo) when
 present, else random weights (the timings are the same; the findings are not).
 """
 
@@ -132,10 +133,12 @@ def main() -> int:
         t_sr = sr.stat().st_mtime
         engine = make_engine(db_url)
 
-        def export_done() -> bool:
+        def export_done() -> bool:  # every export job (the SR's, then the images')
             with Session(engine) as s:
-                return bool(s.scalar(select(func.count()).select_from(Job).where(
-                    Job.kind == JobKind.export, Job.finished_at.is_not(None))))
+                jobs = s.scalars(select(Job.finished_at).where(Job.kind == JobKind.export)).all()
+                infer_done = s.scalar(select(func.count()).select_from(Job).where(
+                    Job.kind == JobKind.infer, Job.finished_at.is_not(None)))
+            return bool(jobs) and bool(infer_done) and all(at is not None for at in jobs)
 
         node_support.wait_until(export_done, 120, "the export job to complete", procs=[node], log_path=log_path)
         with Session(engine) as s:
@@ -143,7 +146,8 @@ def main() -> int:
             series = s.scalars(select(Series)).one()
             infer = s.scalars(select(Job).where(Job.kind == JobKind.infer)).one()
             claimed = _ts(s.scalar(select(JobEvent.at).where(JobEvent.job_id == infer.id, JobEvent.event == "claimed")))
-            export = s.scalars(select(Job).where(Job.kind == JobKind.export)).one()
+            export = s.scalars(select(Job).where(Job.kind == JobKind.export).order_by(Job.id)).first()  # the SR's
+            assert export is not None
             result = s.scalars(select(TriageResult)).one()
             timings = json.loads(result.result_json)["timings_s"]
             priority = result.priority
@@ -184,12 +188,17 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     ratio = end_to_end / engine_s
+    # the model's own compute inside the worker, same run: what no overhead work can take away
+    model_compute = sum(timings.get(k, 0.0) for k in ("phase1", "phase2", "gradcam"))
+    overhead = end_to_end - model_compute
     print(f"end to end (last ack -> SR at destination): {end_to_end:.2f} s")
     for k, v in stages.items():
         print(f"  {k:24s} {v:8.2f} s")
     print(f"engine's own time, same series:             {engine_s:.2f} s (stages {own_result.timings_s})")
     print(f"ratio {ratio:.2f} (goal <= 1.5); overhead {end_to_end - engine_s:+.2f} s; "
           f"vs the inference inside the worker {end_to_end / stages['inference_s']:.2f}")
+    print(f"model compute in the worker (phase 1 + phase 2 + Grad-CAM) {model_compute:.2f} s; "
+          f"overhead_s {overhead:.2f} (goal <= 1.0)")
     print(json.dumps({
         "benchmark": "end_to_end",
         "slices": len(files),
@@ -210,6 +219,11 @@ def main() -> int:
         "met": ratio <= 1.5,
         "priority": priority,
         "poll_interval_s": args.poll_s,
+        # end to end minus the worker's phase 1 + phase 2 + Grad-CAM (issue 12: goal <= 1.0 s on this CPU)
+        "model_compute_s": round(model_compute, 3),
+        "overhead_s": round(overhead, 3),
+        "goal_overhead_s": 1.0,
+        "overhead_met": overhead <= 1.0,
     }))
     return 0
 

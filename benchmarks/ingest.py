@@ -248,6 +248,9 @@ def main() -> int:
         if "node" in results and "orthanc" in results:
             for mode in ("one_association", "four_associations"):
                 summary[f"node_vs_orthanc_{mode}"] = round(results["node"][mode] / results["orthanc"][mode], 3)
+        if "node" in results and "pynetdicom_noop" in results:
+            for mode in ("one_association", "four_associations"):
+                summary[f"node_vs_pynetdicom_noop_{mode}"] = round(results["node"][mode] / results["pynetdicom_noop"][mode], 3)
         if "storescp" in results:
             summary["durable_write_only_vs_storescp_one_association"] = round(floor / results["storescp"]["one_association"], 3)
         if "pynetdicom_noop" in results and "storescp" in results:

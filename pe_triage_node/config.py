@@ -328,6 +328,9 @@ class WorkerSection(_Section):
     backoff_cap_s: float = Field(600.0, gt=0)
     # Write PNG copies of the Secondary Captures for the web console's study page.
     write_pngs: bool = True
+    # MiB of slices an idle worker decodes while their series still arrives (HU, in memory;
+    # a 300-slice 512 x 512 series takes 300); its job then starts from them. 0: off.
+    prefetch_mb: int = Field(768, ge=0, le=65536)
     # Start the web console with `pe-triage run`.
     run_web: bool = True
 

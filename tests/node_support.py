@@ -110,11 +110,12 @@ def phantom_ctpa(tmp: Path, seed: int, category: str, *, slices: int = 40) -> Pa
 
 def seed_selected_series(
     engine: Engine, spool_dir: Path, files: Sequence[Path], *, generation: int = 0, max_attempts: int = 3,
-    priority: int = 0,
+    priority: int = 0, receiving: bool = False,
 ) -> int:
     """Put ``files`` (one series) in the spool with their rows, series ``selected``, and queue its
     ``infer`` job as the assembler does; returns the job id. Called again for the same series
-    (with more files and a higher ``generation``) it re-opens it as late instances do."""
+    (with more files and a higher ``generation``) it re-opens it as late instances do.
+    ``receiving``: the series is still arriving (no job queued; returns 0)."""
     import pydicom
 
     from pe_triage_node.dicom.spool import Spool
@@ -130,7 +131,8 @@ def seed_selected_series(
             s.flush()
             series = Series(study_id=study.id, series_instance_uid=first.SeriesInstanceUID, modality="CT")
             s.add(series)
-        series.state, series.generation, series.instance_count = SeriesState.selected, generation, len(files)
+        state = SeriesState.receiving if receiving else SeriesState.selected
+        series.state, series.generation, series.instance_count = state, generation, len(files)
         s.flush()
         known = set(s.scalars(select(Instance.sop_instance_uid).where(Instance.series_id == series.id)))
         for path, ds in zip(files, headers):
@@ -145,6 +147,8 @@ def seed_selected_series(
                 transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), spool_path=rel,
                 size_bytes=target.stat().st_size,
             ))
+        if receiving:
+            return 0
         job = enqueue(
             s, JobKind.infer, priority=priority, study_instance_uid=first.StudyInstanceUID,
             series_instance_uid=first.SeriesInstanceUID,

@@ -14,10 +14,14 @@ hl7        the ``results`` row id       the row + its ``studies`` row (ORU^R01) 
 fhir       the ``results`` row id       the row + its ``studies`` row (Bundle)    HTTP POST (:mod:`.fhir`)
 ========== ============================ ========================================= =====================
 
-Producer side (the worker, inside its own transaction, after ``write_outputs``)::
+Producer side (the worker, inside its own transaction, after writing the outputs)::
 
     with Session(engine) as s, s.begin():
         job_ids = enqueue_exports(s, cfg.export, paths, result=result, decision=decision, result_id=row.id)
+
+The worker does this twice: the SR with the result (every destination's job),
+then the SCs and the KOS once rendered (``files_only=True``), so a DICOM
+destination gets the SR first, in an association of its own.
 
 One ``export`` job per destination whose ``min_priority`` the result reaches
 (payload ``{"type": KIND, "destination": NAME, "files": [...]}`` or ``{..., "result_id": N}``;
@@ -74,6 +78,7 @@ from pe_triage_node.queue import (
     run_until_stopped,
     worker_identity,
 )
+from pe_triage_node.queue.wakeup import Wakeup
 from pe_triage_node.rules import Priority, PriorityDecision, priority_rank
 
 log = logging.getLogger(__name__)
@@ -140,11 +145,15 @@ def enqueue_exports(
     result: StudyResult,
     decision: PriorityDecision,
     result_id: int | None = None,
+    files_only: bool = False,
 ) -> list[int]:
     """Queue one export job per destination due (and the webhook when due) inside the caller's transaction.
 
     ``result_id``: the stored ``results`` row, which HL7 and FHIR jobs are built
-    from (without it they are not queued). Returns the job ids (an already
+    from (without it they are not queued). ``files_only``: only the jobs of the
+    destinations that send files (``dicom``, ``dicomweb``), for outputs rendered
+    after the first ones were queued (the worker queues the SR with everything
+    else, then the SCs and the KOS). Returns the job ids (an already
     active job with the same dedupe key is returned instead of a new one).
     Nothing due: ``[]``.
     """
@@ -158,7 +167,7 @@ def enqueue_exports(
     }
     ids = []
     for dest in cfg.destinations:
-        if not wants(dest, decision.priority):
+        if not wants(dest, decision.priority) or (files_only and dest.kind not in FILE_KINDS):
             continue
         planned = destination_job(dest, files, key, result_id, result.model_version)
         if planned is None:
@@ -169,7 +178,7 @@ def enqueue_exports(
         payload, dedupe_key = planned
         job = enqueue(session, JobKind.export, payload=payload, dedupe_key=dedupe_key, **common)  # type: ignore[arg-type]
         ids.append(job.id)
-    if wants_webhook(cfg, decision.priority):
+    if not files_only and wants_webhook(cfg, decision.priority):
         job = enqueue(
             session,
             JobKind.export,
@@ -302,7 +311,8 @@ class Exporter:
     # the loop
     def run_forever(self, stop_event: threading.Event, *, on_start: Callable[[], None] | None = None) -> None:
         """Run export jobs one after the other until ``stop_event`` is set; poll every
-        ``export.poll_interval_s`` while none is due (a retry is due once its backoff passed).
+        ``export.poll_interval_s`` while none is due (a retry is due once its backoff passed),
+        and claim at once when a new one is announced (:mod:`pe_triage_node.queue.wakeup`).
 
         One loop, one job at a time: a send that takes longer than the poll
         interval simply delays the next poll. A job in progress is finished before returning.
@@ -311,7 +321,9 @@ class Exporter:
                  self.worker_id, len(self._destinations), "on" if self.cfg.export.webhook_url else "off")
         if on_start is not None:
             on_start()
-        run_until_stopped(self.process_one, stop_event, self.cfg.export.poll_interval_s, f"exporter {self.worker_id}")
+        with Wakeup(self.engine, JobKind.export) as wakeup:
+            run_until_stopped(self.process_one, stop_event, self.cfg.export.poll_interval_s, f"exporter {self.worker_id}",
+                              wakeup=wakeup)
         log.info("exporter %s stopped", self.worker_id)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -48,6 +49,64 @@ def warm_up() -> None:
             loader()
 
 
+@dataclass(frozen=True)
+class OutputSource:
+    """What every output of one result is rendered from: the series' headers (as the outputs copy them) and the UIDs."""
+
+    result: StudyResult
+    volume: CTVolume
+    decision: PriorityDecision
+    headers: list[Dataset]
+    uids: identity.OutputUIDs
+    previous: identity.OutputUIDs | None
+
+    @classmethod
+    def of(
+        cls,
+        result: StudyResult,
+        volume: CTVolume,
+        decision: PriorityDecision,
+        *,
+        uid_prefix: str = identity.OUTPUT_UID_PREFIX,
+        generation: int = 0,
+        previous: identity.OutputUIDs | None = None,
+    ) -> OutputSource:
+        if not volume.datasets:
+            raise ValueError("the outputs need the series' headers: load the volume with keep_datasets=True")
+        # Patient, study and equipment from the first slice and each Grad-CAM slice; UIDs and geometry of the rest.
+        cam_sops = {gc.sop_instance_uid for gc in result.gradcam}
+        full = {0} | {i for i, ds in enumerate(volume.datasets) if ds.SOPInstanceUID in cam_sops}
+        headers = [source_header(ds) if i in full else slice_reference(ds) for i, ds in enumerate(volume.datasets)]
+        uids = identity.OutputUIDs(result.series_instance_uid, result.model_version, uid_prefix, generation)
+        return cls(result, volume, decision, headers, uids, previous)
+
+
+def render_sr(source: OutputSource) -> Dataset:
+    """The SR: what a reader needs first (the worker sends it before the images are rendered)."""
+    r = source.result
+    with library_warnings_logged(f"outputs of series={r.series_instance_uid}"):
+        return build_sr(r, source.decision, source.headers, source.uids, previous=source.previous)
+
+
+def render_images(source: OutputSource) -> list[Dataset]:
+    """The summary SC, one Grad-CAM SC per map and, when there are maps, the KOS (last)."""
+    r, decision, uids = source.result, source.decision, source.uids
+    by_sop = {str(h.SOPInstanceUID): h for h in source.headers}
+    slice_hu = source.volume.slice_hu
+    with library_warnings_logged(f"outputs of series={r.series_instance_uid}"):
+        out: list[Dataset] = [build_summary_sc(r, decision, source.headers, uids, slice_hu)]
+        for index, gc in enumerate(r.gradcam):
+            src = by_sop.get(gc.sop_instance_uid)
+            if src is None:
+                log.warning("grad-cam %d: source slice not in the series given, skipped series=%s", index, r.series_instance_uid)
+                continue
+            out.append(build_gradcam_sc(r, decision, gc, index, src, uids, slice_hu))
+        slices = key_slices(r, by_sop)
+        if slices:
+            out.append(build_kos(r, decision, slices, uids))
+    return out
+
+
 def render_outputs(
     result: StudyResult,
     volume: CTVolume,
@@ -64,25 +123,8 @@ def render_outputs(
     generation analysed (part of every UID); ``previous``: the output set this
     result corrects, named by the SR as its predecessor.
     """
-    if not volume.datasets:
-        raise ValueError("the outputs need the series' headers: load the volume with keep_datasets=True")
-    # Patient, study and equipment from the first slice and each Grad-CAM slice; UIDs and geometry of the rest.
-    full = {0} | {i for i, ds in enumerate(volume.datasets) if ds.SOPInstanceUID in {gc.sop_instance_uid for gc in result.gradcam}}
-    headers = [source_header(ds) if i in full else slice_reference(ds) for i, ds in enumerate(volume.datasets)]
-    by_sop = {str(h.SOPInstanceUID): h for h in headers}
-    uids = identity.OutputUIDs(result.series_instance_uid, result.model_version, uid_prefix, generation)
-    with library_warnings_logged(f"outputs of series={result.series_instance_uid}"):
-        out: list[Dataset] = [build_sr(result, decision, headers, uids, previous=previous)]
-        out.append(build_summary_sc(result, decision, headers, uids, volume.slice_hu))
-        for index, gc in enumerate(result.gradcam):
-            src = by_sop.get(gc.sop_instance_uid)
-            if src is None:
-                log.warning("grad-cam %d: source slice not in the series given, skipped series=%s", index, result.series_instance_uid)
-                continue
-            out.append(build_gradcam_sc(result, decision, gc, index, src, uids, volume.slice_hu))
-        slices = key_slices(result, by_sop)
-        if slices:
-            out.append(build_kos(result, decision, slices, uids))
+    source = OutputSource.of(result, volume, decision, uid_prefix=uid_prefix, generation=generation, previous=previous)
+    out = [render_sr(source), *render_images(source)]
     log.info("rendered %d output objects series=%s priority=%s", len(out), result.series_instance_uid, decision.priority.value)
     return out
 
@@ -126,6 +168,19 @@ def write_pngs(datasets: list[Dataset], out_dir: Path) -> list[Path]:
     return paths
 
 
+def write_datasets(datasets: list[Dataset], out_dir: Path, *, pngs: bool = False) -> list[Path]:
+    """Write rendered outputs under ``out_dir`` (and PNGs of their SCs when ``pngs``); returns the paths, in order."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ds in datasets:
+        path = out_dir / output_filename(ds)
+        save_atomically(ds, path)
+        paths.append(path)
+    if pngs:
+        write_pngs(datasets, out_dir)
+    return paths
+
+
 def write_outputs(
     result: StudyResult,
     volume: CTVolume,
@@ -138,16 +193,8 @@ def write_outputs(
     pngs: bool = False,
 ) -> list[Path]:
     """Render and write the outputs under ``out_dir`` (and their PNGs when ``pngs``); returns the DICOM paths, SR first."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     datasets = render_outputs(result, volume, decision, uid_prefix=uid_prefix, generation=generation, previous=previous)
-    paths = []
-    for ds in datasets:
-        path = out_dir / output_filename(ds)
-        save_atomically(ds, path)
-        paths.append(path)
-    if pngs:
-        write_pngs(datasets, out_dir)
-    return paths
+    return write_datasets(datasets, out_dir, pngs=pngs)
 
 
 def standalone_triage(result: StudyResult, volume: CTVolume, rules_path: Path | None = None) -> Triage:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +77,26 @@ class CTVolume:
         return int(z), int(y), int(x)
 
 
+#: A slice decoded ahead of its series' job (:mod:`pe_triage_node.worker.prefetch`): its dataset without
+#: pixel data and its HU image, as :func:`slice_hu` makes it.
+Decoded = tuple[pydicom.Dataset, np.ndarray]
+
+
+def slice_hu(ds: pydicom.Dataset) -> np.ndarray:
+    """One slice's HU image (float32, rows and columns as stored), its encoded pixel data freed.
+
+    Raises :class:`VolumeRejected` when the pixel data cannot be decoded.
+    """
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # decoder errors come in many types
+        raise VolumeRejected(f"pixel data cannot be decoded ({type(exc).__name__})") from exc
+    del ds.PixelData  # free the encoded bytes as we go
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    return pixels.astype(np.float32) * slope + intercept
+
+
 @dataclass
 class _SliceHeader:
     path: Path
@@ -88,6 +108,7 @@ class _SliceHeader:
     rows: int
     columns: int
     pixel_spacing: tuple[float, float]
+    hu: np.ndarray | None = None  # decoded ahead (prefetched), else decoded after sorting
 
 
 def _float_list(ds: pydicom.Dataset, keyword: str, n: int, what: str) -> np.ndarray:
@@ -100,7 +121,11 @@ def _float_list(ds: pydicom.Dataset, keyword: str, n: int, what: str) -> np.ndar
         raise VolumeRejected(f"{what} not numeric on instance {ds.get('InstanceNumber', '?')}") from exc
 
 
-def _read_header(path: Path, *, skip_unreadable: bool = True) -> _SliceHeader | None:
+def _read_header(path: Path, *, skip_unreadable: bool = True,
+                 prefetched: Callable[[Path], Decoded | None] | None = None) -> _SliceHeader | None:
+    ready = prefetched(path) if prefetched is not None else None
+    if ready is not None:
+        return _header(path, *ready)
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, EOFError):
@@ -108,6 +133,10 @@ def _read_header(path: Path, *, skip_unreadable: bool = True) -> _SliceHeader | 
             raise
         log.debug("skipping non-DICOM file %s", path.name)
         return None
+    return _header(path, ds)
+
+
+def _header(path: Path, ds: pydicom.Dataset, hu: np.ndarray | None = None) -> _SliceHeader:
     modality = str(ds.get("Modality", ""))
     sop_class = str(ds.get("SOPClassUID", ""))
     if modality != "CT" or sop_class not in CT_SOP_CLASSES:
@@ -135,6 +164,7 @@ def _read_header(path: Path, *, skip_unreadable: bool = True) -> _SliceHeader | 
         rows=rows,
         columns=columns,
         pixel_spacing=(float(ps[0]), float(ps[1])),
+        hu=hu,
     )
 
 
@@ -144,6 +174,7 @@ def load_ct_volume(
     max_tilt_deg: float = 2.0,
     min_slices: int = WINDOW_SLICES,
     keep_datasets: bool = False,
+    prefetched: Callable[[Path], Decoded | None] | None = None,
 ) -> CTVolume:
     """Read one CT series: every DICOM file directly in the folder ``source``, or exactly the files listed.
 
@@ -157,6 +188,8 @@ def load_ct_volume(
     ``min_slices`` (one phase-1 window by default).
     ``keep_datasets``: keep the slices' headers (the datasets less their pixel
     data) in ``CTVolume.datasets``, for outputs rendered without reading the files again.
+    ``prefetched``: the slices of listed files decoded ahead (path -> dataset and HU, or ``None``
+    when that file must be read); they are checked as the files would be.
     """
     if isinstance(source, (str, Path)):
         dicom_dir = Path(source)
@@ -164,7 +197,7 @@ def load_ct_volume(
             raise VolumeRejected(f"not a folder: {dicom_dir}")
         headers = [h for p in sorted(dicom_dir.iterdir()) if p.is_file() and (h := _read_header(p)) is not None]
     else:
-        headers = [h for p in source if (h := _read_header(Path(p), skip_unreadable=False)) is not None]
+        headers = [h for p in source if (h := _read_header(Path(p), skip_unreadable=False, prefetched=prefetched)) is not None]
     if not headers:
         raise VolumeRejected("no DICOM CT slices in the folder")
     if len(headers) < min_slices:
@@ -222,21 +255,14 @@ def load_ct_volume(
             agent = str(ds.get("ContrastBolusAgent", "") or "")
         elif str(ds.get("SeriesInstanceUID", "")) != series_uid:
             raise VolumeRejected("files of more than one series in the folder")
-        try:
-            pixels = ds.pixel_array
-        except Exception as exc:  # decoder errors come in many types
-            raise VolumeRejected(f"pixel data cannot be decoded ({type(exc).__name__})") from exc
-        del ds.PixelData  # free the encoded bytes as we go
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        hu[i] = pixels.astype(np.float32) * slope + intercept
-
-    # Canonical in-plane directions: rows along +x (patient left), columns along +y (posterior).
-    if row_cos[0] < 0:
-        hu = hu[:, :, ::-1]
-    if col_cos[1] < 0:
-        hu = hu[:, ::-1, :]
-    hu = np.ascontiguousarray(hu)
+        image = h.hu if h.hu is not None else slice_hu(ds)
+        # Canonical in-plane directions: rows along +x (patient left), columns along +y (posterior);
+        # flipped slice by slice as it is copied in (no second copy of the whole volume).
+        if row_cos[0] < 0:
+            image = image[:, ::-1]
+        if col_cos[1] < 0:
+            image = image[::-1, :]
+        hu[i] = image
     return CTVolume(
         hu=hu,
         spacing=(spacing_z, ref.pixel_spacing[0], ref.pixel_spacing[1]),

@@ -43,11 +43,13 @@ from pe_triage_node.queue.jobs import (
     enqueue,
     fail,
     heartbeat,
+    holds_in,
     recover_stale,
     supersede_queued,
     worker_identity,
 )
 from pe_triage_node.queue.lease import LeaseKeeper, LeaseLost, renewal_period, run_until_stopped
+from pe_triage_node.queue.wakeup import Wakeup, announce
 
 __all__ = [
     "DEFAULT_MAX_WAIT_S",
@@ -58,6 +60,8 @@ __all__ = [
     "JobState",
     "LeaseKeeper",
     "LeaseLost",
+    "Wakeup",
+    "announce",
     "as_utc",
     "backoff_delay",
     "claim",
@@ -67,6 +71,7 @@ __all__ = [
     "fail",
     "get_job",
     "heartbeat",
+    "holds_in",
     "job_history",
     "list_jobs",
     "queue_counts",

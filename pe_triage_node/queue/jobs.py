@@ -50,6 +50,7 @@ from sqlalchemy.orm import Session
 
 from pe_triage_node.db.models import Job, JobEvent, JobKind, JobState
 from pe_triage_node.db.session import read_only
+from pe_triage_node.queue.wakeup import announce
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,8 @@ def enqueue(
             return _merge_duplicate(session, existing, priority, at)
     _event(session, job.id, at, "queued", detail=f"priority={priority}")
     session.flush()
+    if not_before is None or as_utc(not_before) <= at:
+        announce(session, kind)  # its consumers wake when the caller commits
     log.info(
         "job %d queued kind=%s series=%s priority=%d", job.id, kind.value, series_instance_uid, priority
     )
@@ -433,15 +436,21 @@ def heartbeat(engine: Engine, job_id: int, worker_id: str, *, now: dt.datetime |
     On ``False`` the worker should abandon the job: another worker may be running it.
     """
     with Session(engine) as s, s.begin():
-        at = _now(s, now)
-        result = s.execute(
-            update(Job).where(_held(job_id, worker_id)).values(heartbeat_at=at, updated_at=at)
-            .execution_options(synchronize_session=False)
-        )
-        if _rowcount(result) == 1:
+        if holds_in(s, job_id, worker_id, now=now):
             return True
-        _lease_lost(s, job_id, worker_id, at, "heartbeat")
+        _lease_lost(s, job_id, worker_id, _now(s, now), "heartbeat")
         return False
+
+
+def holds_in(session: Session, job_id: int, worker_id: str, *, now: dt.datetime | None = None) -> bool:
+    """Renew the lease inside the caller's transaction: work committed with it was done by the job's
+    holder (as :func:`complete_in`, without completing); ``False``, changing nothing, when the lease is lost."""
+    at = _now(session, now)
+    result = session.execute(
+        update(Job).where(_held(job_id, worker_id)).values(heartbeat_at=at, updated_at=at)
+        .execution_options(synchronize_session=False)
+    )
+    return _rowcount(result) == 1
 
 
 def complete_in(session: Session, job_id: int, worker_id: str, detail: str | None = None, *, now: dt.datetime | None = None) -> bool:

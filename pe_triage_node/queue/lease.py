@@ -4,8 +4,9 @@ A consumer claims a job (:func:`~pe_triage_node.queue.jobs.claim`), runs it
 inside a :class:`LeaseKeeper` (a thread that renews the lease with
 :func:`~pe_triage_node.queue.jobs.heartbeat`), and completes or fails it.
 :func:`run_until_stopped` is the polling loop around that: run jobs back to
-back while there are any, wait ``poll_interval_s`` when there are none, one
-job at a time (a loop, never overlapping runs).
+back while there are any, wait ``poll_interval_s`` when there are none (or
+until a new job is announced, :mod:`.wakeup`), one job at a time (a loop,
+never overlapping runs).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from sqlalchemy import Engine
 
 from pe_triage_node.queue.jobs import heartbeat
+from pe_triage_node.queue.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +80,11 @@ def renewal_period(heartbeat_s: float, lease_s: float, floor_s: float = 0.2) -> 
     return max(floor_s, min(heartbeat_s, lease_s / 3))
 
 
-def run_until_stopped(process_one: Callable[[], object], stop: threading.Event, poll_interval_s: float, who: str) -> None:
-    """Call ``process_one`` until ``stop`` is set; wait ``poll_interval_s`` after a call that found no job.
+def run_until_stopped(process_one: Callable[[], object], stop: threading.Event, poll_interval_s: float, who: str,
+                      *, wakeup: Wakeup | None = None, idle: Callable[[], bool] | None = None) -> None:
+    """Call ``process_one`` until ``stop`` is set; wait ``poll_interval_s`` after a call that found no job,
+    or less when ``wakeup`` announces a new job (:mod:`.wakeup`). ``idle``: a short piece of work done
+    instead of waiting while there is some (it returns ``True``), e.g. decoding slices ahead.
 
     ``process_one`` returns something falsy (``None``/``False``) when no job was
     due. An exception (the database is down) is logged and treated as "no job".
@@ -92,4 +97,9 @@ def run_until_stopped(process_one: Callable[[], object], stop: threading.Event, 
             log.error("%s: claiming or running a job failed", who, exc_info=True)
             ran = None
         if not ran:
-            stop.wait(poll_interval_s)
+            if idle is not None and idle():
+                continue
+            if wakeup is None:
+                stop.wait(poll_interval_s)
+            else:
+                wakeup.wait(poll_interval_s)

@@ -6,26 +6,38 @@ One job at a time per process::
          │ yes
          ▼
     load the instance files by their paths in the spool ──▶ engine.analyse
+         │ (slices decoded ahead while the series arrived come from memory, :mod:`.prefetch`)
          │ InputRejected (the engine refuses the series, a reason a person can read)
          │     ──▶ one transaction: rejections row, series rejected, job complete (never a dead letter)
          │ other error (a file missing, the node's own trouble)
          │     ──▶ fail with exponential backoff; dead-lettered after max_attempts
          ▼
-    priority rules (active rule set) ──▶ SR + SCs (+ PNGs) written to a staging folder
+    priority rules (active rule set) ──▶ the SR written to a staging folder
          ▼
     one transaction: still current and still ours? ── no ──▶ nothing placed, nothing deleted (skipped)
-         │ yes: outputs moved into ``<outputs_dir>/<series uid>/`` (older generations' files removed),
-         │      ``results`` row, one export job per destination (older queued exports superseded),
-         ▼      job complete
+         │ yes: the SR moved into ``<outputs_dir>/<series uid>/`` (older generations' files removed),
+         │      ``results`` row, one export job per destination (the SR; HL7, FHIR, webhook), older
+         ▼      queued exports superseded; the job stays running
+    SCs + KOS (+ PNGs) written to the staging folder
+         ▼
+    one transaction: still current and still ours? ── no ──▶ nothing more placed (skipped)
+         │ yes: the images moved beside the SR, one export job per file destination, job complete
+         ▼
     done
+
+The SR reaches each destination while the images are rendered (a destination
+gets the SR, then the SCs and the KOS, each set in its own association). A
+worker that dies between the two transactions leaves its job running: it is
+taken back like any other, run again, finds the result its SR was stored with
+and stores only the images (one result per job, the SR queued once).
 
 A thread renews the lease every ``queue.heartbeat_s`` while the job runs; when
 the lease is lost (the worker was too slow, or the job was taken back) the
-worker abandons the job at the next stage boundary and stores nothing. A
+worker abandons the job at the next stage boundary and stores nothing more. A
 worker that dies mid-job leaves a stale heartbeat: the next ``claim`` by any
 worker (``queue.lease_s`` later) takes the job back and runs it again. The
-result, its files and the job's completion commit together, so a job has a
-result exactly when it succeeded.
+result and its SR commit together, the images and the job's completion
+together, so a succeeded job has its result and all its outputs.
 
 Each series generation gets its own output UIDs and its SR names the previous
 result's SR as its predecessor (:mod:`pe_triage_node.export.identity`).
@@ -59,7 +71,7 @@ from pe_triage_node.config import NodeConfig
 from pe_triage_node.db.models import Instance, JobKind, Rejection, Series, SeriesState, TriageResult
 from pe_triage_node.errors import InputRejected
 from pe_triage_node.export.identity import OutputUIDs
-from pe_triage_node.export.outputs import write_outputs
+from pe_triage_node.export.outputs import OutputSource, render_images, render_sr, write_datasets
 from pe_triage_node.export.source import library_warnings_logged
 from pe_triage_node.inference.volume import load_ct_volume
 from pe_triage_node.queue import (
@@ -71,18 +83,21 @@ from pe_triage_node.queue import (
     complete,
     complete_in,
     fail,
+    holds_in,
     renewal_period,
     run_until_stopped,
     supersede_queued,
     worker_identity,
 )
+from pe_triage_node.queue.wakeup import Wakeup
+from pe_triage_node.worker.prefetch import SlicePrefetch, run_idle
 
 if TYPE_CHECKING:  # torch only where the engine is built
     from pydicom.dataset import Dataset
 
     from pe_triage_node.inference.engine import InferenceEngine
     from pe_triage_node.inference.result import StudyResult
-    from pe_triage_node.rules import Triage
+    from pe_triage_node.rules import PriorityDecision, Triage
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +161,8 @@ class InferenceWorker:
         self.spool_dir = cfg.spool_dir.absolute()
         self.outputs_root = cfg.resolve(cfg.export.outputs_dir).absolute()
         self._on_stage = on_stage  # tests: called with (job id, stage name)
+        budget = cfg.worker.prefetch_mb * 1024 * 1024
+        self.prefetch = SlicePrefetch(engine, self.spool_dir, budget) if budget > 0 else None
 
     # -- one job -----------------------------------------------------------------
     def process_one(self) -> JobOutcome | None:
@@ -191,8 +208,12 @@ class InferenceWorker:
         try:
             with library_warnings_logged(f"job {job.id} series={uid}"):
                 # Loaded here, not by analyse(), so that the rules and the outputs read the same headers and HU.
-                volume = load_ct_volume(current.files, max_tilt_deg=self.model.max_tilt_deg, keep_datasets=True)
+                used = self.prefetch.used if self.prefetch is not None else 0
+                volume = load_ct_volume(current.files, max_tilt_deg=self.model.max_tilt_deg, keep_datasets=True,
+                                        prefetched=self.prefetch.take if self.prefetch is not None else None)
                 load_s = time.perf_counter() - t0
+                if self.prefetch is not None:
+                    log.info("job %d: %d of %d slices decoded ahead", job.id, self.prefetch.used - used, len(current.files))
                 if volume.series_instance_uid != uid:
                     raise RuntimeError("the spool files recorded for the series hold another series")
                 self._stage(job, "inference")
@@ -211,27 +232,38 @@ class InferenceWorker:
         t_render = time.perf_counter()
         staging_root = self.outputs_root / STAGING_DIR
         staging_root.mkdir(parents=True, exist_ok=True)
+        earlier = self._stored_result(job, current, result)
+        # An earlier attempt's decision, when it stored one: the images say what its SR says.
+        stored, decision = earlier if earlier is not None else (None, verdict.decision)
         with tempfile.TemporaryDirectory(dir=staging_root, prefix=f"job-{job.id}-") as staging:
-            paths = write_outputs(
-                result, volume, verdict.decision, Path(staging), uid_prefix=self.cfg.export.uid_prefix,
-                generation=current.generation, previous=previous, pngs=self.cfg.worker.write_pngs,
-            )
-            del volume
-            render_s = time.perf_counter() - t_render
-            self._stage(job, "store")
-            timings = dict(result.timings_s)
-            timings.update(worker_inference=round(inference_s, 4), worker_render=round(render_s, 4),
-                           worker_before_store=round(time.perf_counter() - t0, 4))
-            lease.renew()
+            source = OutputSource.of(result, volume, decision, uid_prefix=self.cfg.export.uid_prefix,
+                                     generation=current.generation, previous=previous)
+            del volume  # the source holds what the images still need
             try:
-                stored = self._store(job, current, result, verdict, rule_set_id, timings, paths)
+                if stored is None:  # the SR first: stored, placed and queued before the images are rendered
+                    sr_paths = write_datasets([render_sr(source)], Path(staging))
+                    render_s = time.perf_counter() - t_render
+                    self._stage(job, "store")
+                    timings = dict(result.timings_s)
+                    timings.update(worker_inference=round(inference_s, 4), worker_render=round(render_s, 4),
+                                   worker_before_store=round(time.perf_counter() - t0, 4))
+                    lease.renew()
+                    stored = self._store(job, current, result, verdict, rule_set_id, timings, sr_paths)
+                else:
+                    log.info("job %d: result %d and its SR were stored by an earlier attempt", job.id, stored)
+                self._stage(job, "images")
+                images = write_datasets(render_images(source), Path(staging), pngs=self.cfg.worker.write_pngs)
+                del source
+                lease.renew()
+                self._store_images(job, current, result, decision, stored, images)
             except _Superseded as exc:
                 return self._skip(job, f"superseded while running ({exc})")
         log.info(
             "job %d done series=%s priority=%s result=%d model=%s in %.2f s (inference %.2f s)",
-            job.id, uid, verdict.decision.priority.value, stored, result.model_version, time.perf_counter() - t0, inference_s,
+            job.id, uid, decision.priority.value, stored, result.model_version, time.perf_counter() - t0, inference_s,
         )
         return JobOutcome.done
+
     def _current_series(self, job: ClaimedJob) -> _SeriesFiles | str:
         """The series' instance files (absolute paths) when the job is still current, else why it is not."""
         uid = job.payload.get("series_instance_uid") or job.series_instance_uid
@@ -298,6 +330,24 @@ class InferenceWorker:
         )
         return cast(CursorResult[Any], result).rowcount == 1
 
+    def _stored_result(self, job: ClaimedJob, current: _SeriesFiles,
+                       result: StudyResult) -> tuple[int, PriorityDecision] | None:
+        """The ``results`` row (id, decision) an earlier attempt of this job stored with its SR, then
+        died before the images were stored, for this generation and model; ``None`` when there is none."""
+        from pe_triage_node.rules import Priority, PriorityDecision
+
+        with Session(self.engine) as s:
+            row = s.scalars(
+                select(TriageResult)
+                .where(TriageResult.job_id == job.id, TriageResult.generation == current.generation,
+                       TriageResult.model_version == result.model_version[:64])
+                .order_by(TriageResult.id.desc()).limit(1)
+            ).one_or_none()
+            if row is None:
+                return None
+            flags = tuple(str(f) for f in json.loads(row.flags or "[]"))
+            return int(row.id), PriorityDecision(Priority(row.priority), row.rule_name, None, flags, row.explanation or "")
+
     def _store(
         self,
         job: ClaimedJob,
@@ -308,7 +358,10 @@ class InferenceWorker:
         timings: dict[str, float],
         staged: list[Path],
     ) -> int:
-        """One transaction: place the outputs, store the ``results`` row, queue the exports, complete the job.
+        """One transaction: place the SR, store the ``results`` row, queue the exports (the SR to each
+        file destination, HL7, FHIR, webhook). The job stays running (its lease renewed) until
+        :meth:`_store_images` completes it; a worker that dies in between leaves the job to be run
+        again, which finds this row (:meth:`_stored_result`) and stores only the images.
 
         Raises :class:`_Superseded` (nothing placed) when the series moved on,
         :class:`LeaseLost` (nothing placed) when the job is no longer ours.
@@ -321,6 +374,8 @@ class InferenceWorker:
         with Session(self.engine) as s, s.begin():
             if not self._hold_series(s, current):
                 raise _Superseded(f"generation {current.generation} is no longer the selected one")
+            if not holds_in(s, job.id, self.worker_id):
+                raise LeaseLost
             row = TriageResult(
                 study_instance_uid=current.study_instance_uid,
                 series_instance_uid=current.series_instance_uid,
@@ -339,20 +394,35 @@ class InferenceWorker:
             )
             s.add(row)
             s.flush()
-            if not complete_in(s, job.id, self.worker_id, f"result {row.id} priority {decision.priority.value}"):
-                raise LeaseLost
-            paths = self._place(current, staged)
+            paths = self._place(current, staged, remove_others=True)
             export_ids = enqueue_exports(s, self.cfg.export, paths, result=result, decision=decision, result_id=row.id)
             superseded = supersede_queued(s, JobKind.export, current.series_instance_uid, keep=export_ids,
                                           detail=f"superseded by result {row.id}")
-            log.info("job %d stored result %d, %d export job(s) priority=%s, %d older export(s) superseded",
+            log.info("job %d stored result %d with its SR, %d export job(s) priority=%s, %d older export(s) superseded",
                      job.id, row.id, len(export_ids), decision.priority.value, len(superseded))
             return int(row.id)
 
-    def _place(self, current: _SeriesFiles, staged: list[Path]) -> list[Path]:
-        """Move the staged outputs (and their PNGs) into ``<outputs>/<series uid>/``; remove every other
-        output file there (an earlier generation's, or a re-run's with fewer Grad-CAM maps). Returns the
-        DICOM paths. Runs while the series row is held (:meth:`_hold_series`)."""
+    def _store_images(self, job: ClaimedJob, current: _SeriesFiles, result: StudyResult,
+                      decision: PriorityDecision, result_id: int, staged: list[Path]) -> None:
+        """One transaction: place the SCs and the KOS beside the SR, queue them to each file destination,
+        complete the job. Raises :class:`_Superseded` / :class:`LeaseLost` (nothing placed) as :meth:`_store`."""
+        from pe_triage_node.export.exporter import enqueue_exports
+
+        with Session(self.engine) as s, s.begin():
+            if not self._hold_series(s, current):
+                raise _Superseded(f"generation {current.generation} is no longer the selected one")
+            if not complete_in(s, job.id, self.worker_id, f"result {result_id} priority {decision.priority.value}"):
+                raise LeaseLost
+            paths = self._place(current, staged, remove_others=False)
+            export_ids = enqueue_exports(s, self.cfg.export, paths, result=result, decision=decision,
+                                         result_id=result_id, files_only=True)
+            log.info("job %d stored the images of result %d, %d export job(s)", job.id, result_id, len(export_ids))
+
+    def _place(self, current: _SeriesFiles, staged: list[Path], *, remove_others: bool) -> list[Path]:
+        """Move the staged outputs (and their PNGs) into ``<outputs>/<series uid>/``; with ``remove_others``
+        (the SR, placed first) remove every other output file there (an earlier generation's, or a
+        re-run's with fewer Grad-CAM maps). Returns the DICOM paths. Runs while the series row is held
+        (:meth:`_hold_series`)."""
         from pe_triage_node.dicom.uids import validate_uid
 
         out_dir = self.outputs_root / validate_uid(current.series_instance_uid, "SeriesInstanceUID")
@@ -363,9 +433,10 @@ class InferenceWorker:
             if src.is_file() and not src.name.startswith(".tmp"):
                 os.replace(src, out_dir / src.name)
                 keep.add(src.name)
-        for old in out_dir.iterdir():
-            if old.is_file() and old.name not in keep and old.suffix in (".dcm", ".png") and not old.name.startswith(".tmp"):
-                old.unlink(missing_ok=True)
+        if remove_others:
+            for old in out_dir.iterdir():
+                if old.is_file() and old.name not in keep and old.suffix in (".dcm", ".png") and not old.name.startswith(".tmp"):
+                    old.unlink(missing_ok=True)
         return [out_dir / p.name for p in staged]
 
     def _reject(self, job: ClaimedJob, current: _SeriesFiles, reason: str) -> JobOutcome:
@@ -402,14 +473,18 @@ class InferenceWorker:
 
     # -- the loop ----------------------------------------------------------------
     def run_forever(self, stop: threading.Event) -> None:
-        """Run jobs until ``stop`` is set; poll every ``queue.poll_interval_s`` while idle.
+        """Run jobs until ``stop`` is set; poll every ``queue.poll_interval_s`` while idle, and claim at
+        once when a new job is announced (:mod:`pe_triage_node.queue.wakeup`). While idle, decode
+        the slices of series still arriving (:mod:`.prefetch`).
 
         A job in progress is finished before returning (its lease would otherwise
         have to expire before another worker could take it).
         """
         log.info("worker %s started (device %s)", self.worker_id, getattr(self.model, "device", "?"))
         self.remove_stale_staging()
-        run_until_stopped(self.process_one, stop, self.cfg.queue.poll_interval_s, f"worker {self.worker_id}")
+        with Wakeup(self.engine, JobKind.infer) as wakeup:
+            run_until_stopped(self.process_one, stop, self.cfg.queue.poll_interval_s, f"worker {self.worker_id}",
+                              wakeup=wakeup, idle=lambda: run_idle(self.prefetch, interrupted=lambda: wakeup.wait(0)))
         log.info("worker %s stopped", self.worker_id)
 
 

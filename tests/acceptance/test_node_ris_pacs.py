@@ -67,14 +67,15 @@ def test_one_study_reaches_dicom_dicomweb_hl7_and_fhir_destinations_once(
         def delivered() -> bool:
             with Session(engine) as s:
                 exports = s.scalars(select(Job).where(Job.kind == JobKind.export)).all()
-            return len(exports) == 4 and all(j.state == JobState.succeeded for j in exports)
+            # DICOM and DICOMweb: the SR's job, then the images'; HL7 and FHIR: one each
+            return len(exports) == 6 and all(j.state == JobState.succeeded for j in exports)
 
         node_support.wait_until(delivered, 300, "the result delivered to all four destinations",
                                 procs=[node], log_path=log_path)
         with Session(engine) as s:
             row = s.scalars(select(TriageResult)).one()
             kinds = sorted(json.loads(j.payload)["type"] for j in s.scalars(select(Job).where(Job.kind == JobKind.export)))
-        assert kinds == ["dicom", "dicomweb", "fhir", "hl7"]
+        assert kinds == ["dicom", "dicom", "dicomweb", "dicomweb", "fhir", "hl7"]
     finally:
         engine.dispose()
         node.send_signal(signal.SIGTERM)

@@ -131,7 +131,8 @@ def test_orthanc_forwards_two_studies_and_gets_sr_and_scs_back(
             with Session(engine) as s:
                 exports = s.scalars(select(Job).where(Job.kind == JobKind.export)).all()
                 results = s.scalars(select(TriageResult)).all()
-            return len(results) == 2 and len(exports) == 2 and all(j.state == JobState.succeeded for j in exports)
+            # each result: the SR's job, then the images'
+            return len(results) == 2 and len(exports) == 4 and all(j.state == JobState.succeeded for j in exports)
 
         node_support.wait_until(all_delivered, 240, "both results delivered to Orthanc", procs=[node], log_path=log_path)
 
@@ -218,7 +219,7 @@ def test_late_instances_leave_the_corrected_finding_in_orthanc(
             with Session(engine) as s:
                 rows = s.scalars(select(TriageResult)).all()
                 exports = s.scalars(select(Job).where(Job.kind == JobKind.export)).all()
-            return len(rows) == results and sum(j.state == JobState.succeeded for j in exports) == results
+            return len(rows) == results and sum(j.state == JobState.succeeded for j in exports) == 2 * results
 
         for n, name in enumerate(parts, start=1):
             sent = peers.storescu(node_port, [tmp_path / name])

@@ -78,11 +78,53 @@ def test_worker_stores_result_renders_outputs_and_queues_exports(worker: Inferen
     names = sorted(p.name for p in out_dir.iterdir())
     assert any(n.startswith("SR_") for n in names) and any(n.startswith("SC_") for n in names)
     assert "summary.png" in names
-    # one export job per destination, at the result's queue priority, naming the files
-    assert len(exports) == 1
-    payload = json.loads(exports[0].payload)
-    assert payload["destination"] == "pacs" and exports[0].priority == queue_priority(row.priority)
-    assert all(Path(f).is_file() and Path(f).parent == out_dir for f in payload["files"])
+    # two export jobs per DICOM destination, at the result's queue priority, naming the files:
+    # the SR alone (queued with the result), then the SCs and the KOS (queued once rendered)
+    assert len(exports) == 2
+    first, then = (json.loads(e.payload) for e in sorted(exports, key=lambda e: e.id))
+    assert [Path(f).name[:3] for f in first["files"]] == ["SR_"]
+    assert then["files"] and all(Path(f).name[:3] in ("SC_", "KO_") for f in then["files"])
+    assert {Path(f).name for f in first["files"] + then["files"]} == {n for n in names if n.endswith(".dcm")}
+    for export, payload in zip(sorted(exports, key=lambda e: e.id), (first, then)):
+        assert payload["destination"] == "pacs" and export.priority == queue_priority(row.priority)
+        assert all(Path(f).is_file() and Path(f).parent == out_dir for f in payload["files"])
+
+
+def test_a_worker_failing_after_the_sr_was_stored_completes_with_the_images_once(
+    tmp_path: Path, db_url: str, engine: Engine, manifest: Path, series_files: list[Path]
+) -> None:
+    """The SR is stored and queued before the images are rendered; a worker that fails (or dies) in
+    between leaves the job to be run again, which stores the images only: one result, each file queued once."""
+    cfg = _cfg(tmp_path, db_url, manifest)
+    failing = True
+
+    def crash_before_images(_job_id: int, stage: str) -> None:
+        if stage == "images" and failing:
+            raise RuntimeError("the worker died after storing the SR")
+
+    worker = InferenceWorker(engine, cfg, load_model(cfg), on_stage=crash_before_images)
+    job_id = node_support.seed_selected_series(engine, cfg.spool_dir, series_files)
+    assert worker.process_one() == JobOutcome.failed
+    with Session(engine) as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state == JobState.queued and "died after storing the SR" in (job.last_error or "")
+        (sr_job,) = s.scalars(select(Job).where(Job.kind == JobKind.export)).all()
+        assert [Path(f).name[:3] for f in json.loads(sr_job.payload)["files"]] == ["SR_"]
+        assert len(s.scalars(select(TriageResult)).all()) == 1
+        s.execute(update(Job).where(Job.id == job_id).values(not_before=job.created_at))  # skip the backoff
+        s.commit()
+    failing = False
+    assert worker.process_one() == JobOutcome.done
+    with Session(engine) as s:
+        assert s.get(Job, job_id).state == JobState.succeeded  # type: ignore[union-attr]
+        (row,) = s.scalars(select(TriageResult)).all()
+        assert row.job_id == job_id
+        exports = sorted(s.scalars(select(Job).where(Job.kind == JobKind.export)).all(), key=lambda e: e.id)
+    files = [Path(f).name for e in exports for f in json.loads(e.payload)["files"]]
+    assert len(exports) == 2 and len(files) == len(set(files)), "each output queued once"
+    out_dir = cfg.resolve(cfg.export.outputs_dir) / SERIES
+    assert set(files) == {p.name for p in out_dir.glob("*.dcm")}
+    assert files[0].startswith("SR_") and any(f.startswith("SC_") for f in files[1:])
 
 
 def test_superseded_generation_is_skipped(worker: InferenceWorker, series_files: list[Path]) -> None:
@@ -163,7 +205,7 @@ def test_a_malformed_private_element_in_every_slice_does_not_fail_the_study(
         job = s.get(Job, job_id)
         assert job is not None and job.state == JobState.succeeded and job.attempts == 1
         assert s.scalars(select(TriageResult)).one().job_id == job_id
-        assert len(s.scalars(select(Job).where(Job.kind == JobKind.export)).all()) == 1
+        assert len(s.scalars(select(Job).where(Job.kind == JobKind.export)).all()) == 2  # the SR, then the images
 
 
 #: Values a sender wrote that the outputs need but cannot use as they are.

@@ -171,11 +171,17 @@ def test_results_reach_a_destination_that_was_down_exactly_once(
                             env=peers.dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs.append(pacs)
     peers.wait_for_port(pacs_port, proc=pacs)
-    node_support.wait_until(lambda: _job(engine, job.id).state == JobState.succeeded, 60,
-                            "the export delivered once the destination is up", procs=[node], log_path=log_path)
-    expected = len(json.loads(_job(engine, job.id).payload)["files"])
+    def exports() -> list[Job]:
+        with Session(engine) as s:
+            jobs = list(s.scalars(select(Job).where(Job.kind == JobKind.export).order_by(Job.id)))
+            s.expunge_all()
+        return jobs
+
+    # the SR's job, then the images' job (queued once they were rendered)
+    node_support.wait_until(lambda: len(exports()) == 2 and all(j.state == JobState.succeeded for j in exports()), 60,
+                            "the exports delivered once the destination is up", procs=[node], log_path=log_path)
+    sent_files = [Path(f).name for j in exports() for f in json.loads(j.payload)["files"]]
+    assert sent_files[0].startswith("SR_") and len(sent_files) == len(set(sent_files))
     received = sorted(p.name for p in out.iterdir() if p.is_file())
-    assert len(received) == expected, f"each object delivered exactly once: {received}"
+    assert len(received) == len(sent_files), f"each object delivered exactly once: {received}"
     assert sum(1 for n in received if n.startswith("SR")) == 1
-    with Session(engine) as s:
-        assert len(s.scalars(select(Job).where(Job.kind == JobKind.export)).all()) == 1

@@ -79,15 +79,16 @@ def test_late_instances_give_a_new_result_that_replaces_the_old_one(
     node_support.seed_selected_series(engine, cfg.spool_dir, slices[:FIRST], generation=0)
     assert worker.process_one() == JobOutcome.done
     first_files = _snapshot(_outputs(cfg))
-    [first_export] = _exports(engine)
-    assert first_export.state == JobState.queued  # the PACS has not taken it yet
+    first_exports = _exports(engine)  # the SR, then the images
+    assert len(first_exports) == 2
+    assert all(j.state == JobState.queued for j in first_exports)  # the PACS has not taken them yet
 
     node_support.seed_selected_series(engine, cfg.spool_dir, slices, generation=1)  # the late instances
     assert worker.process_one() == JobOutcome.done
 
     with Session(engine) as s:
         rows = s.scalars(select(TriageResult).order_by(TriageResult.id)).all()
-        superseded = s.scalars(select(JobEvent.event).where(JobEvent.job_id == first_export.id)).all()
+        superseded = s.scalars(select(JobEvent.event).where(JobEvent.job_id.in_([j.id for j in first_exports]))).all()
     assert [r.generation for r in rows] == [0, 1]
     second_files = _snapshot(_outputs(cfg))
     dicom = {n for n in first_files if n.endswith(".dcm")}, {n for n in second_files if n.endswith(".dcm")}
@@ -102,9 +103,9 @@ def test_late_instances_give_a_new_result_that_replaces_the_old_one(
     assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == old.sr_instance
 
     exports = _exports(engine)
-    assert [j.state for j in exports] == [JobState.succeeded, JobState.queued]
-    assert "superseded" in superseded, "the old result's export is not sent after the new one"
-    files = json.loads(exports[1].payload)["files"]
+    assert [j.state for j in exports] == [JobState.succeeded] * 2 + [JobState.queued] * 2
+    assert superseded.count("superseded") == 2, "the old result's exports are not sent after the new one"
+    files = [f for j in exports[2:] for f in json.loads(j.payload)["files"]]
     assert sorted(Path(f).name for f in files) == sorted(dicom[1])
 
 

@@ -1,0 +1,169 @@
+"""Slices decoded while their series still arrives, so that its job starts from pixels that are ready.
+
+An idle worker (no job due) decodes, a few at a time, the newest stored
+instances of series that are still arriving, complete or selected (their job
+may not have run yet) into memory: each slice's dataset without its pixel data
+and its HU image (:func:`~pe_triage_node.inference.volume.slice_hu`). When the
+series' job runs, :func:`~pe_triage_node.inference.volume.load_ct_volume` takes
+those slices instead of reading and decoding the files again (:meth:`SlicePrefetch.take`).
+
+* Never on the receiver's path: the receiver stores and acknowledges as
+  before; the worker reads the spool files only after their rows are committed.
+* Bounded: at most ``worker.prefetch_mb`` of HU images in memory (least
+  recently decoded dropped first); nothing on disk. 0 turns it off.
+* Only a shortcut: a slice is used only while its file is unchanged (size,
+  modification time, inode); anything not decoded ahead, dropped, or unreadable
+  is read from the spool as without prefetching, and every check of the loaded
+  series runs on prefetched slices too. A worker killed while decoding loses
+  its memory and nothing else: the series' job runs as it would have.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from pe_triage_node.db.models import Instance, Series, SeriesState
+from pe_triage_node.db.session import read_only
+from pe_triage_node.inference.volume import CT_SOP_CLASSES, Decoded, slice_hu
+
+log = logging.getLogger(__name__)
+
+#: Series whose newest instances are decoded ahead.
+_STATES = (SeriesState.receiving, SeriesState.complete, SeriesState.selected)
+#: At start-up, instances received this long ago or more are not decoded ahead.
+_START_LOOKBACK = dt.timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: tuple[int, int, int]  # the file's size, modification time (ns), inode when decoded
+    dataset: pydicom.Dataset
+    hu: np.ndarray
+
+
+def _file_key(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+class SlicePrefetch:
+    """The worker's slices decoded ahead, at most ``budget_bytes`` of HU images."""
+
+    def __init__(self, engine: Engine, spool_dir: Path, budget_bytes: int) -> None:
+        self.engine = engine
+        self.spool_dir = spool_dir
+        self.budget_bytes = budget_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[Path, _Entry] = OrderedDict()
+        self._pending: deque[Path] = deque()
+        self._last_id: int | None = None  # the newest instance row seen
+        self._quiet = True  # the last look found nothing new
+        self.decoded = self.used = 0  # counters for the logs and tests
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._entries
+
+    # -- filling ---------------------------------------------------------------
+    def _discover(self) -> None:
+        """Queue the instance files stored since the last look (CT image storage only)."""
+        with Session(read_only(self.engine)) as s:
+            if self._last_id is None:
+                since = dt.datetime.now(dt.UTC) - _START_LOOKBACK
+                older = s.scalar(select(Instance.id).where(Instance.received_at < since)
+                                 .order_by(Instance.id.desc()).limit(1))
+                self._last_id = int(older or 0)
+            rows = s.execute(
+                select(Instance.id, Instance.spool_path, Instance.sop_class_uid)
+                .join(Series, Series.id == Instance.series_id)
+                .where(Instance.id > self._last_id, Series.state.in_(_STATES))
+                .order_by(Instance.id).limit(512)
+            ).all()
+        if rows and self._quiet:  # once per burst of arrivals, not per look
+            log.info("decoding newly stored slice(s) ahead (%d so far)", self.decoded)
+        self._quiet = not rows
+        for row_id, spool_path, sop_class in rows:
+            self._last_id = max(self._last_id, int(row_id))
+            if sop_class in CT_SOP_CLASSES:
+                path = Path(spool_path)
+                self._pending.append(path if path.is_absolute() else self.spool_dir / path)
+
+    def fill(self, max_slices: int = 8) -> int:
+        """Decode up to ``max_slices`` newly stored slices; returns how many were decoded (0: nothing to do)."""
+        if self.budget_bytes <= 0:
+            return 0
+        if not self._pending:
+            self._discover()
+        done = 0
+        while self._pending and done < max_slices:
+            path = self._pending.popleft()
+            if path in self._entries:
+                continue
+            key = _file_key(path)
+            try:
+                ds = pydicom.dcmread(path)
+                hu = slice_hu(ds)
+            except Exception:  # noqa: BLE001 - the job reads it again and says what is wrong
+                log.debug("prefetch skipped %s", path.name)
+                continue
+            if key is None or key != _file_key(path):
+                continue  # changed while read
+            self._store(path, _Entry(key, ds, hu))
+            done += 1
+        self.decoded += done
+        return done
+
+    def _store(self, path: Path, entry: _Entry) -> None:
+        if entry.hu.nbytes > self.budget_bytes:
+            return
+        self._entries[path] = entry
+        self.bytes += entry.hu.nbytes
+        while self.bytes > self.budget_bytes:
+            _, dropped = self._entries.popitem(last=False)
+            self.bytes -= dropped.hu.nbytes
+
+    # -- using -----------------------------------------------------------------
+    def take(self, path: Path) -> Decoded | None:
+        """The slice of ``path`` decoded ahead (removed from memory), or ``None`` when the file must be read."""
+        entry = self._entries.pop(path, None)
+        if entry is None:
+            return None
+        self.bytes -= entry.hu.nbytes
+        if _file_key(path) != entry.key:
+            return None
+        self.used += 1
+        return entry.dataset, entry.hu
+
+
+def run_idle(prefetch: SlicePrefetch | None, budget_s: float = 0.05,
+             interrupted: Callable[[], bool] | None = None) -> bool:
+    """Decode ahead, one slice at a time, for at most about ``budget_s`` or until ``interrupted()``
+    (a job was announced: it is claimed before the next slice); ``True`` when there was work."""
+    if prefetch is None:
+        return False
+    t = time.monotonic()
+    worked = False
+    while time.monotonic() - t < budget_s:
+        if not prefetch.fill(max_slices=1):
+            break
+        worked = True
+        if interrupted is not None and interrupted():
+            break
+    return worked

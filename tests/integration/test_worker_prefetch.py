@@ -1,0 +1,141 @@
+"""Slices decoded ahead by an idle worker (pe_triage_node.worker.prefetch), on SQLite and PostgreSQL:
+the volume they give is the one the files give, the memory budget holds, a file changed after
+decoding is read again, and a worker killed while decoding leaves the series to be analysed once."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from pe_triage_node.db.models import Instance, Job, JobState, TriageResult
+from pe_triage_node.inference.volume import load_ct_volume
+from pe_triage_node.worker.prefetch import SlicePrefetch, run_idle
+from tests import node_support, peers
+
+STUDY = "1.2.826.0.1.3680043.10.1453.93.1"
+SERIES = "1.2.826.0.1.3680043.10.1453.93.2"
+SLICE_BYTES = 64 * 64 * 4  # one tiny slice in HU (float32)
+
+
+@pytest.fixture(scope="module")
+def series_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return node_support.tiny_series(tmp_path_factory.mktemp("series"), STUDY, SERIES, slices=30)
+
+
+def _spool_files(engine: Engine, spool: Path) -> list[Path]:
+    with Session(engine) as s:
+        return [spool / p for p in s.scalars(select(Instance.spool_path).order_by(Instance.id))]
+
+
+def _fill_all(prefetch: SlicePrefetch) -> None:
+    while run_idle(prefetch):
+        pass
+
+
+def test_slices_decoded_while_the_series_arrives_load_as_its_files_do(
+    engine: Engine, tmp_path: Path, series_files: list[Path]
+) -> None:
+    spool = tmp_path / "spool"
+    node_support.seed_selected_series(engine, spool, series_files, receiving=True)
+    prefetch = SlicePrefetch(engine, spool, budget_bytes=10 * 1024 * 1024)
+    _fill_all(prefetch)
+    files = _spool_files(engine, spool)
+    assert len(prefetch) == len(files) == 30 and prefetch.bytes == 30 * SLICE_BYTES
+
+    ahead = load_ct_volume(files, keep_datasets=True, prefetched=prefetch.take)
+    read = load_ct_volume(files, keep_datasets=True)
+    assert prefetch.used == 30 and len(prefetch) == 0 and prefetch.bytes == 0, "taken slices leave the memory"
+    assert np.array_equal(ahead.hu, read.hu)
+    assert ahead.sop_instance_uids == read.sop_instance_uids and ahead.spacing == read.spacing
+    assert [ds.SOPInstanceUID for ds in ahead.datasets] == [ds.SOPInstanceUID for ds in read.datasets]
+    assert all("PixelData" not in ds for ds in ahead.datasets)
+    assert run_idle(prefetch) is False, "nothing new stored: nothing to decode"
+
+
+def test_the_memory_budget_keeps_the_newest_slices(engine: Engine, tmp_path: Path, series_files: list[Path]) -> None:
+    spool = tmp_path / "spool"
+    node_support.seed_selected_series(engine, spool, series_files, receiving=True)
+    prefetch = SlicePrefetch(engine, spool, budget_bytes=3 * SLICE_BYTES + SLICE_BYTES // 2)
+    _fill_all(prefetch)
+    files = _spool_files(engine, spool)
+    assert prefetch.decoded == 30 and len(prefetch) == 3 and prefetch.bytes <= prefetch.budget_bytes
+    assert all(f in prefetch for f in files[-3:])
+    # the slices dropped are read from the files: the same volume
+    assert np.array_equal(load_ct_volume(files, prefetched=prefetch.take).hu, load_ct_volume(files).hu)
+    assert prefetch.used == 3
+
+    off = SlicePrefetch(engine, spool, budget_bytes=0)
+    assert run_idle(off) is False and len(off) == 0
+
+
+def test_a_file_changed_after_it_was_decoded_is_read_again(
+    engine: Engine, tmp_path: Path, series_files: list[Path]
+) -> None:
+    import pydicom
+
+    spool = tmp_path / "spool"
+    node_support.seed_selected_series(engine, spool, series_files, receiving=True)
+    prefetch = SlicePrefetch(engine, spool, budget_bytes=10 * 1024 * 1024)
+    _fill_all(prefetch)
+    files = _spool_files(engine, spool)
+    ds = pydicom.dcmread(files[0])
+    ds.RescaleIntercept = float(ds.RescaleIntercept) + 7  # the same instance stored again, other values
+    tmp = files[0].with_suffix(".new")
+    ds.save_as(tmp, enforce_file_format=True)
+    tmp.replace(files[0])
+    assert prefetch.take(files[0]) is None and files[0] not in prefetch
+    assert np.array_equal(load_ct_volume(files, prefetched=prefetch.take).hu, load_ct_volume(files).hu)
+    assert prefetch.used == 29
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        peers.stop_process(proc, timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_worker_killed_while_decoding_ahead_leaves_the_series_to_be_analysed_once(
+    tmp_path: Path, db_url: str, engine: Engine, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    manifest = node_support.tiny_manifest(tmp_path / "model")
+    config = node_support.write_node_config(
+        tmp_path, database_url=db_url, receiver_port=peers.free_port(), manifest=manifest,
+        sections={"queue": {"lease_s": 3.0, "heartbeat_s": 0.5, "poll_interval_s": 0.05}},
+    )
+    files = node_support.tiny_series(tmp_path / "series", STUDY, SERIES, slices=120)
+    spool = tmp_path / "var" / "spool"
+    log_a, log_b = tmp_path / "worker-a.log", tmp_path / "worker-b.log"
+    first = node_support.start_node_process(config, ["worker"], log_path=log_a)
+    procs.append(first)
+    node_support.wait_until(lambda: " started (device" in log_a.read_text(errors="replace"), 120, "worker A ready",
+                            procs=[first], log_path=log_a)
+    node_support.seed_selected_series(engine, spool, files, receiving=True)  # the series arrives
+    node_support.wait_until(lambda: "slice(s) ahead" in log_a.read_text(errors="replace"), 60,
+                            "worker A decoding ahead", every=0.01, procs=[first], log_path=log_a)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+
+    job_id = node_support.seed_selected_series(engine, spool, files)  # complete and selected: its job is queued
+    second = node_support.start_node_process(config, ["worker"], log_path=log_b)
+    procs.append(second)
+
+    def succeeded() -> bool:
+        with Session(engine) as s:
+            job = s.get(Job, job_id)
+            return job is not None and job.state == JobState.succeeded
+
+    node_support.wait_until(succeeded, 120, "worker B analyses the series", procs=[second], log_path=log_b)
+    with Session(engine) as s:
+        assert Counter(s.scalars(select(TriageResult.job_id))) == Counter({job_id: 1})
