@@ -15,11 +15,16 @@
     to head with :func:`pe_triage_node.db.migrate.upgrade`, disposed afterwards.
 
 Test ids read ``test_x[sqlite]`` / ``test_x[postgres]``.
+
+``procs``
+    A list to append the processes a test starts; each is stopped (SIGTERM, then
+    SIGKILL after its grace period) when the test ends.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 from functools import cache
@@ -102,3 +107,13 @@ def engine(db_url: str) -> Iterator[Engine]:
         yield eng
     finally:
         eng.dispose()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    from tests import peers
+
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        peers.stop_process(proc, timeout=150)

@@ -12,7 +12,6 @@ its text.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ from sqlalchemy.orm import Session
 from pe_triage_node.db.models import Job, JobKind, JobState, TriageResult
 from pe_triage_node.db.session import make_engine
 from pe_triage_node.synth.ct_series import StudyIdentity, write_ct_series
-
 from tests import export_support, node_support, peers
 
 pytestmark = pytest.mark.slow
@@ -36,14 +34,6 @@ PATIENT = StudyIdentity(
 )
 PHI = (PATIENT.patient_name, "Qwerty", "Z9917", PATIENT.patient_id, PATIENT.patient_birth_date, "1938-05-17",
        PATIENT.accession_number)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        peers.stop_process(proc, timeout=150)
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -12,7 +12,6 @@ import json
 import signal
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,14 +32,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return node_support.tiny_manifest(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        peers.stop_process(proc, timeout=30)
 
 
 def _events(engine: Engine, job_id: int) -> Counter[str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import signal
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,18 +34,20 @@ def _spool_files(engine: Engine, spool: Path) -> list[Path]:
         return [spool / p for p in s.scalars(select(Instance.spool_path).order_by(Instance.id))]
 
 
-def _fill_all(prefetch: SlicePrefetch) -> None:
+def _filled(engine: Engine, spool: Path, files: list[Path], budget_bytes: int) -> SlicePrefetch:
+    """The series seeded as still arriving, and a prefetch that has decoded all it would."""
+    node_support.seed_selected_series(engine, spool, files, receiving=True)
+    prefetch = SlicePrefetch(engine, spool, budget_bytes=budget_bytes)
     while run_idle(prefetch):
         pass
+    return prefetch
 
 
 def test_slices_decoded_while_the_series_arrives_load_as_its_files_do(
     engine: Engine, tmp_path: Path, series_files: list[Path]
 ) -> None:
     spool = tmp_path / "spool"
-    node_support.seed_selected_series(engine, spool, series_files, receiving=True)
-    prefetch = SlicePrefetch(engine, spool, budget_bytes=10 * 1024 * 1024)
-    _fill_all(prefetch)
+    prefetch = _filled(engine, spool, series_files, 10 * 1024 * 1024)
     files = _spool_files(engine, spool)
     assert len(prefetch) == len(files) == 30 and prefetch.bytes == 30 * SLICE_BYTES
 
@@ -62,9 +63,7 @@ def test_slices_decoded_while_the_series_arrives_load_as_its_files_do(
 
 def test_the_memory_budget_keeps_the_newest_slices(engine: Engine, tmp_path: Path, series_files: list[Path]) -> None:
     spool = tmp_path / "spool"
-    node_support.seed_selected_series(engine, spool, series_files, receiving=True)
-    prefetch = SlicePrefetch(engine, spool, budget_bytes=3 * SLICE_BYTES + SLICE_BYTES // 2)
-    _fill_all(prefetch)
+    prefetch = _filled(engine, spool, series_files, 3 * SLICE_BYTES + SLICE_BYTES // 2)
     files = _spool_files(engine, spool)
     assert prefetch.decoded == 30 and len(prefetch) == 3 and prefetch.bytes <= prefetch.budget_bytes
     assert all(f in prefetch for f in files[-3:])
@@ -82,9 +81,7 @@ def test_a_file_changed_after_it_was_decoded_is_read_again(
     import pydicom
 
     spool = tmp_path / "spool"
-    node_support.seed_selected_series(engine, spool, series_files, receiving=True)
-    prefetch = SlicePrefetch(engine, spool, budget_bytes=10 * 1024 * 1024)
-    _fill_all(prefetch)
+    prefetch = _filled(engine, spool, series_files, 10 * 1024 * 1024)
     files = _spool_files(engine, spool)
     ds = pydicom.dcmread(files[0])
     ds.RescaleIntercept = float(ds.RescaleIntercept) + 7  # the same instance stored again, other values
@@ -94,14 +91,6 @@ def test_a_file_changed_after_it_was_decoded_is_read_again(
     assert prefetch.take(files[0]) is None and files[0] not in prefetch
     assert np.array_equal(load_ct_volume(files, prefetched=prefetch.take).hu, load_ct_volume(files).hu)
     assert prefetch.used == 29
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        peers.stop_process(proc, timeout=30)
 
 
 @pytest.mark.slow
