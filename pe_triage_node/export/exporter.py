@@ -332,14 +332,10 @@ def run_exporter_service(cfg: NodeConfig, stop_event: threading.Event | None = N
 
     Signal handlers are installed only when called from the main thread.
     """
-    import signal
-
     from pe_triage_node.db.session import make_engine
+    from pe_triage_node.stopping import stop_on_signals
 
-    stop = stop_event or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals("the exporter stops after its current job", stop_event)
     engine = make_engine(cfg.database_url)
     try:
         Exporter(engine, cfg).run_forever(stop)

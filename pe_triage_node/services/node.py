@@ -28,10 +28,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 from pe_triage_node.config import NodeConfig, load_config
 from pe_triage_node.errors import ConfigError
+from pe_triage_node.stopping import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +60,6 @@ def process_config(prog: str, role: str, path: Path | None) -> NodeConfig | None
     return cfg
 
 
-def _stop_event() -> threading.Event:
-    stop = threading.Event()
-
-    def _handler(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %d: stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _handler)
-    signal.signal(signal.SIGINT, _handler)
-    return stop
-
-
 # -- the roles ---------------------------------------------------------------------
 
 
@@ -79,7 +67,7 @@ def run_exporter_service(cfg: NodeConfig) -> int:
     """The ``pe-triage exporter`` process: export jobs until SIGTERM/SIGINT."""
     from pe_triage_node.export.exporter import run_exporter_service as serve_exports
 
-    serve_exports(cfg, _stop_event())
+    serve_exports(cfg, stop_on_signals("stopping"))
     return 0
 
 
@@ -188,7 +176,7 @@ class NodeSupervisor:
     def run(self) -> int:
         """Start everything and supervise until SIGTERM/SIGINT; returns 0 after a clean stop."""
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-        stop = _stop_event()
+        stop = stop_on_signals("stopping the node")
         for child in self.children:
             self._start(child)
         try:

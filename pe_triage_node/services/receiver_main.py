@@ -21,16 +21,15 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import queue
-import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from pe_triage_node.config import NodeConfig
 from pe_triage_node.services.node import process_config
+from pe_triage_node.stopping import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +58,6 @@ class _CallbackDispatcher(threading.Thread):
     def stop(self) -> None:
         self.queue.put(None)
         self.join(timeout=10)
-
-
-def _install_stop_signals(stop: threading.Event) -> None:
-    def _handler(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %d: stopping the receiver", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _handler)
-    signal.signal(signal.SIGINT, _handler)
 
 
 def _serve_one(
@@ -99,7 +89,7 @@ def _serve_one(
 
 def _child_main(cfg: NodeConfig, conn: multiprocessing.connection.Connection) -> None:
     stop = threading.Event()
-    _install_stop_signals(stop)
+    stop_on_signals("stopping the receiver", stop)
     try:
         _serve_one(cfg, None, stop, reuse_port=True, committer_conn=conn)
     except Exception:
@@ -125,7 +115,7 @@ def serve(
     _repair(cfg)  # before any receiving process writes
     stop = threading.Event()
     if cfg.receiver.processes <= 1:
-        _install_stop_signals(stop)
+        stop_on_signals("stopping the receiver", stop)
         dispatcher = _CallbackDispatcher(on_association_released) if on_association_released else None
         if dispatcher is not None:
             dispatcher.start()
@@ -173,7 +163,7 @@ def _supervise(
         return proc, parent_end
 
     children = [start_child() for _ in range(cfg.receiver.processes)]
-    _install_stop_signals(stop)
+    stop_on_signals("stopping the receiver", stop)
     engine = make_engine(cfg.database_url, echo=cfg.database.echo)
     committer = IndexCommitter(engine)
     committer.start()

@@ -54,14 +54,12 @@ import json
 import logging
 import os
 import shutil
-import signal
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import CursorResult, Engine, select, update
@@ -90,6 +88,7 @@ from pe_triage_node.queue import (
     worker_identity,
 )
 from pe_triage_node.queue.wakeup import Wakeup
+from pe_triage_node.stopping import stop_on_signals
 from pe_triage_node.worker.prefetch import SlicePrefetch, run_idle
 
 if TYPE_CHECKING:  # torch only where the engine is built
@@ -505,14 +504,7 @@ def run_worker_service(cfg: NodeConfig, *, random_weights: bool = False) -> int:
     from pe_triage_node.db.session import make_engine
     from pe_triage_node.errors import WeightsError
 
-    stop = threading.Event()
-
-    def _handler(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %d: the worker stops after its current job", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _handler)
-    signal.signal(signal.SIGINT, _handler)
+    stop = stop_on_signals("the worker stops after its current job")
     try:
         model = load_model(cfg, random_weights=random_weights)
     except WeightsError as exc:
