@@ -71,6 +71,9 @@ class OutputSource:
         generation: int = 0,
         previous: identity.OutputUIDs | None = None,
     ) -> OutputSource:
+        """``volume``: the analysed series, loaded with ``keep_datasets=True`` (its headers); the SCs
+        take each slice's HU from it. ``generation``: the series generation analysed (part of every
+        UID); ``previous``: the output set this result corrects, named by the SR as its predecessor."""
         if not volume.datasets:
             raise ValueError("the outputs need the series' headers: load the volume with keep_datasets=True")
         # Patient, study and equipment from the first slice and each Grad-CAM slice; UIDs and geometry of the rest.
@@ -107,25 +110,11 @@ def render_images(source: OutputSource) -> list[Dataset]:
     return out
 
 
-def render_outputs(
-    result: StudyResult,
-    volume: CTVolume,
-    decision: PriorityDecision,
-    *,
-    uid_prefix: str = identity.OUTPUT_UID_PREFIX,
-    generation: int = 0,
-    previous: identity.OutputUIDs | None = None,
-) -> list[Dataset]:
-    """The SR (first), the summary SC, one Grad-CAM SC per map and, when there are maps, the KOS (last).
-
-    ``volume``: the analysed series, loaded with ``keep_datasets=True`` (its
-    headers); the SCs take each slice's HU from it. ``generation``: the series
-    generation analysed (part of every UID); ``previous``: the output set this
-    result corrects, named by the SR as its predecessor.
-    """
-    source = OutputSource.of(result, volume, decision, uid_prefix=uid_prefix, generation=generation, previous=previous)
+def render_outputs(source: OutputSource) -> list[Dataset]:
+    """The SR (first), the summary SC, one Grad-CAM SC per map and, when there are maps, the KOS (last)."""
     out = [render_sr(source), *render_images(source)]
-    log.info("rendered %d output objects series=%s priority=%s", len(out), result.series_instance_uid, decision.priority.value)
+    log.info("rendered %d output objects series=%s priority=%s", len(out), source.result.series_instance_uid,
+             source.decision.priority.value)
     return out
 
 
@@ -181,20 +170,9 @@ def write_datasets(datasets: list[Dataset], out_dir: Path, *, pngs: bool = False
     return paths
 
 
-def write_outputs(
-    result: StudyResult,
-    volume: CTVolume,
-    decision: PriorityDecision,
-    out_dir: Path,
-    *,
-    uid_prefix: str = identity.OUTPUT_UID_PREFIX,
-    generation: int = 0,
-    previous: identity.OutputUIDs | None = None,
-    pngs: bool = False,
-) -> list[Path]:
+def write_outputs(source: OutputSource, out_dir: Path, *, pngs: bool = False) -> list[Path]:
     """Render and write the outputs under ``out_dir`` (and their PNGs when ``pngs``); returns the DICOM paths, SR first."""
-    datasets = render_outputs(result, volume, decision, uid_prefix=uid_prefix, generation=generation, previous=previous)
-    return write_datasets(datasets, out_dir, pngs=pngs)
+    return write_datasets(render_outputs(source), out_dir, pngs=pngs)
 
 
 def standalone_triage(result: StudyResult, volume: CTVolume, rules_path: Path | None = None) -> Triage:

@@ -48,11 +48,12 @@ def _infer(args: argparse.Namespace) -> int:
         print(f"result written to {args.json}")
     if volume is not None:
         from pe_triage_node.export.messages import write_messages
-        from pe_triage_node.export.outputs import standalone_triage, write_outputs
+        from pe_triage_node.export.outputs import OutputSource, standalone_triage, write_outputs
         from pe_triage_node.export.record import ResultRecord
 
         decision = standalone_triage(result, volume, args.rules).decision
-        paths = write_outputs(result, volume, decision, args.outputs, uid_prefix=cfg.export.uid_prefix, pngs=True)
+        source = OutputSource.of(result, volume, decision, uid_prefix=cfg.export.uid_prefix)
+        paths = write_outputs(source, args.outputs, pngs=True)
         record = ResultRecord.from_analysis(result, decision, volume.datasets[0])
         paths += write_messages(record, args.outputs, uid_prefix=cfg.export.uid_prefix)
         print(f"priority {decision.priority.value}: {decision.explanation}")

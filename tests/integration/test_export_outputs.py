@@ -13,7 +13,7 @@ from PIL import Image
 
 from pe_triage_node.export import identity
 from pe_triage_node.export.findings import main_finding, series_description
-from pe_triage_node.export.outputs import render_outputs, standalone_triage, write_outputs
+from pe_triage_node.export.outputs import OutputSource, render_outputs, standalone_triage, write_outputs
 from pe_triage_node.export.sc import cam_on_slice
 from pe_triage_node.inference.result import StudyResult
 from pe_triage_node.inference.volume import CTVolume
@@ -39,7 +39,7 @@ def volume(series_dir: Path) -> CTVolume:
 
 @pytest.fixture(scope="module")
 def written(result: StudyResult, volume: CTVolume, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return write_outputs(result, volume, es.decision(Priority.STAT, "Central PE", ("review",)), tmp_path_factory.mktemp("out"))
+    return write_outputs(OutputSource.of(result, volume, es.decision(Priority.STAT, "Central PE", ("review",))), tmp_path_factory.mktemp("out"))
 
 
 def _scs(written: list[Path]) -> list[Path]:
@@ -142,14 +142,14 @@ def test_uids_are_derived_equal_across_runs_and_differ_across_model_versions_and
     result: StudyResult, volume: CTVolume
 ) -> None:
     d = es.decision()
-    first = render_outputs(result, volume, d)
-    again = render_outputs(result, volume, d)
+    first = render_outputs(OutputSource.of(result, volume, d))
+    again = render_outputs(OutputSource.of(result, volume, d))
     uids = [(o.SeriesInstanceUID, o.SOPInstanceUID) for o in first]
     assert uids == [(o.SeriesInstanceUID, o.SOPInstanceUID) for o in again]
     assert len({u for _, u in uids}) == len(uids)  # all distinct
-    other = render_outputs(dataclasses.replace(result, model_version="2.0.0"), volume, d)
+    other = render_outputs(OutputSource.of(dataclasses.replace(result, model_version="2.0.0"), volume, d))
     assert not _uids(first) & _uids(other)
-    corrected = render_outputs(result, volume, d, generation=1)  # late instances re-opened the series
+    corrected = render_outputs(OutputSource.of(result, volume, d, generation=1))  # late instances re-opened the series
     assert not _uids(first) & _uids(corrected) and not _uids(other) & _uids(corrected)
     assert first[0].SOPInstanceUID == identity.OutputUIDs(result.series_instance_uid, result.model_version).sr_instance
     assert corrected[0].SOPInstanceUID == identity.OutputUIDs(
@@ -160,7 +160,7 @@ def test_uids_are_derived_equal_across_runs_and_differ_across_model_versions_and
 
 def test_a_corrected_sr_names_its_predecessor(result: StudyResult, volume: CTVolume, tmp_path: Path) -> None:
     before = identity.OutputUIDs(result.series_instance_uid, result.model_version)
-    [sr, *_] = write_outputs(result, volume, es.decision(), tmp_path, generation=1, previous=before)
+    [sr, *_] = write_outputs(OutputSource.of(result, volume, es.decision(), generation=1, previous=before), tmp_path)
     ds = pydicom.dcmread(sr)
     [study] = ds.PredecessorDocumentsSequence
     assert study.StudyInstanceUID == result.study_instance_uid
@@ -170,18 +170,18 @@ def test_a_corrected_sr_names_its_predecessor(result: StudyResult, volume: CTVol
     assert (item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID) == (ds.SOPClassUID, before.sr_instance)
     assert ds.SOPInstanceUID != before.sr_instance
     assert es.dciodvfy_errors(sr) == []
-    assert "PredecessorDocumentsSequence" not in render_outputs(result, volume, es.decision())[0]
+    assert "PredecessorDocumentsSequence" not in render_outputs(OutputSource.of(result, volume, es.decision()))[0]
 
 
 def test_rewriting_replaces_the_same_files(result: StudyResult, volume: CTVolume, tmp_path: Path) -> None:
-    a = write_outputs(result, volume, es.decision(), tmp_path)
-    b = write_outputs(result, volume, es.decision(), tmp_path)
+    a = write_outputs(OutputSource.of(result, volume, es.decision()), tmp_path)
+    b = write_outputs(OutputSource.of(result, volume, es.decision()), tmp_path)
     assert a == b and sorted(tmp_path.iterdir()) == sorted(a)
 
 
 def test_negative_result_reports_absent_and_routine(result: StudyResult, volume: CTVolume, tmp_path: Path) -> None:
     neg = es.negative(result)
-    paths = write_outputs(neg, volume, es.decision(Priority.ROUTINE, None), tmp_path)
+    paths = write_outputs(OutputSource.of(neg, volume, es.decision(Priority.ROUTINE, None)), tmp_path)
     assert len(paths) == 2  # SR + summary, no Grad-CAM and so no key images
     sr = pydicom.dcmread(paths[0])
     assert sr.SeriesDescription == "AI PE TRIAGE: ROUTINE - no PE"
@@ -220,7 +220,7 @@ def test_derived_uid_rejects_a_bad_source_uid() -> None:
 def test_standalone_outputs_use_the_shipped_rules(result: StudyResult, volume: CTVolume, tmp_path: Path) -> None:
     decision = standalone_triage(result, volume).decision
     assert decision.priority == Priority.STAT and decision.rule_name == "Central PE"  # shipped default rule 1
-    paths = write_outputs(result, volume, decision, tmp_path, pngs=True)
+    paths = write_outputs(OutputSource.of(result, volume, decision), tmp_path, pngs=True)
     assert pydicom.dcmread(paths[0]).SeriesDescription == "AI PE TRIAGE: STAT - central PE, RV/LV>=1"
     assert (tmp_path / "summary.png").is_file() and (tmp_path / "gradcam-1.png").is_file()
 
@@ -245,7 +245,7 @@ def test_an_element_the_outputs_do_not_name_never_fails_them(result: StudyResult
     probe = pydicom.dcmread(next(series.glob("*.dcm")))
     with pytest.raises(BytesLengthException):
         list(probe)  # reading every element fails: what the outputs must never do
-    paths = write_outputs(result, es.load_volume(series), es.decision(), tmp_path / "out")
+    paths = write_outputs(OutputSource.of(result, es.load_volume(series), es.decision()), tmp_path / "out")
     for path in paths:
         ds = pydicom.dcmread(path)
         assert es.MALFORMED_TAG not in ds and str(ds.PatientName) == es.PATIENT_NAME
@@ -259,7 +259,7 @@ def test_outputs_copy_only_the_attributes_they_name(result: StudyResult, tmp_pat
         ds.PatientComments = "not for the outputs"
         ds.add_new(0x00291010, "OB", b"\x00\x01")  # a private element without its creator
         ds.save_as(path, enforce_file_format=True)
-    for ds in render_outputs(result, es.load_volume(series), es.decision()):
+    for ds in render_outputs(OutputSource.of(result, es.load_volume(series), es.decision())):
         assert "PatientComments" not in ds and 0x00291010 not in ds
         assert ds.PatientID == es.PATIENT_ID and ds.AccessionNumber == "ACC77"
 
@@ -281,7 +281,7 @@ def test_library_warnings_are_logged_without_the_patient_data_they_quote(
     caplog.set_level(logging.DEBUG)
     with warnings.catch_warnings(record=True) as escaped:
         warnings.simplefilter("always")
-        outputs = render_outputs(result, es.load_volume(series), es.decision())
+        outputs = render_outputs(OutputSource.of(result, es.load_volume(series), es.decision()))
     assert str(outputs[0].PatientName) == name
     assert [str(w.message) for w in escaped] == [], "every warning is handled where it arises"
     text = "\n".join(r.getMessage() for r in caplog.records)
@@ -298,7 +298,7 @@ def test_a_series_numbered_head_first_renders_the_same_descriptors(result: Study
         ds = pydicom.dcmread(path)
         ds.InstanceNumber = number
         ds.save_as(path, enforce_file_format=True)
-    sr = render_outputs(result, es.load_volume(series), es.decision())[0]
+    sr = render_outputs(OutputSource.of(result, es.load_volume(series), es.decision()))[0]
     library = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Image Library")
     shared = {i.ConceptNameCodeSequence[0].CodeMeaning for i in library.ContentSequence[0].ContentSequence if i.ValueType != "IMAGE"}
     assert {"Modality", "Frame of Reference UID", "Pixel Data Rows", "Pixel Data Columns", "Horizontal Pixel Spacing"} <= shared

@@ -20,7 +20,7 @@ from pe_triage_node.db.migrate import upgrade
 from pe_triage_node.db.models import JobState
 from pe_triage_node.db.session import make_engine
 from pe_triage_node.export.exporter import Exporter, enqueue_exports
-from pe_triage_node.export.outputs import write_outputs
+from pe_triage_node.export.outputs import OutputSource, write_outputs
 from pe_triage_node.inference.result import StudyResult
 from pe_triage_node.queue import get_job
 from pe_triage_node.rules import Priority
@@ -43,7 +43,7 @@ def result(series_dir: Path) -> StudyResult:
 
 @pytest.fixture(scope="module")
 def outputs(result: StudyResult, series_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return write_outputs(result, es.load_volume(series_dir), es.decision(Priority.STAT), tmp_path_factory.mktemp("outputs"))
+    return write_outputs(OutputSource.of(result, es.load_volume(series_dir), es.decision(Priority.STAT)), tmp_path_factory.mktemp("outputs"))
 
 
 @pytest.fixture
