@@ -47,16 +47,21 @@ TYPE2_ATTRIBUTES: tuple[str, ...] = (
     "AccessionNumber",
 )
 
-#: Every attribute an output reads from the analysed series, by keyword.
-SOURCE_ATTRIBUTES: tuple[str, ...] = (
-    # encoding and identity
-    "SpecificCharacterSet",
+#: An instance's identity and place in its series (every output reads it of every slice).
+_IDENTITY: tuple[str, ...] = (
     "SOPClassUID",
     "SOPInstanceUID",
     "StudyInstanceUID",
     "SeriesInstanceUID",
     "FrameOfReferenceUID",
     "InstanceNumber",
+)
+
+#: Every attribute an output reads from the analysed series, by keyword.
+SOURCE_ATTRIBUTES: tuple[str, ...] = (
+    # encoding and identity
+    "SpecificCharacterSet",
+    *_IDENTITY,
     # patient and study (PS3.3 C.7.1.1, C.7.2.1, C.7.2.2)
     *TYPE2_ATTRIBUTES,
     "IssuerOfPatientID",
@@ -91,12 +96,7 @@ SOURCE_ATTRIBUTES: tuple[str, ...] = (
 #: What the outputs read of every other slice: evidence UIDs, order, and the geometry of the summary's
 #: coronal view and of the Image Library descriptors (taken from the lowest InstanceNumber, any slice).
 SLICE_ATTRIBUTES: tuple[str, ...] = (
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "FrameOfReferenceUID",
-    "InstanceNumber",
+    *_IDENTITY,
     "Modality",
     "Rows",
     "Columns",

@@ -103,14 +103,9 @@ def write_ct_series(
         ds.InstanceCreationTime = now.strftime("%H%M%S")
         ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = sop_uid
-        ds.StudyDate = study.study_date
-        ds.SeriesDate = study.study_date
-        ds.AcquisitionDate = study.study_date
-        ds.ContentDate = study.study_date
-        ds.StudyTime = study.study_time
-        ds.SeriesTime = study.study_time
-        ds.AcquisitionTime = study.study_time
-        ds.ContentTime = study.study_time
+        for level in ("Study", "Series", "Acquisition", "Content"):  # one acquisition, one date and time
+            setattr(ds, f"{level}Date", study.study_date)
+            setattr(ds, f"{level}Time", study.study_time)
         ds.AccessionNumber = study.accession_number
         ds.Modality = "CT"
         ds.Manufacturer = "pe-triage-node phantom"
