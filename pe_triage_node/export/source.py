@@ -57,6 +57,17 @@ _IDENTITY: tuple[str, ...] = (
     "InstanceNumber",
 )
 
+#: A slice's matrix and place in space (SC geometry, Image Library descriptors, the coronal view).
+_GEOMETRY: tuple[str, ...] = (
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "SliceThickness",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+)
+
+
 #: Every attribute an output reads from the analysed series, by keyword.
 SOURCE_ATTRIBUTES: tuple[str, ...] = (
     # encoding and identity
@@ -84,12 +95,7 @@ SOURCE_ATTRIBUTES: tuple[str, ...] = (
     # the image: Image Library descriptors (TID 1602/1604), SC geometry
     "Modality",
     "BodyPartExamined",
-    "Rows",
-    "Columns",
-    "PixelSpacing",
-    "SliceThickness",
-    "ImageOrientationPatient",
-    "ImagePositionPatient",
+    *_GEOMETRY,
 )
 
 
@@ -98,12 +104,7 @@ SOURCE_ATTRIBUTES: tuple[str, ...] = (
 SLICE_ATTRIBUTES: tuple[str, ...] = (
     *_IDENTITY,
     "Modality",
-    "Rows",
-    "Columns",
-    "PixelSpacing",
-    "SliceThickness",
-    "ImageOrientationPatient",
-    "ImagePositionPatient",
+    *_GEOMETRY,
 )
 
 
