@@ -98,14 +98,12 @@ def tiny_series(out_dir: Path, study_uid: str, series_uid: str, *, slices: int =
     )
 
 
-def phantom_ctpa(tmp: Path, seed: int, category: str, *, slices: int = 40) -> Path:
-    """A small phantom CTPA study (``category`` "positive": an acute embolus; "negative"); returns its series folder."""
-    from pe_triage_node.synth.phantom import render_phantom, sample_spec
-    from pe_triage_node.synth.rspect import write_phantom_study
+def phantom_ctpa(tmp: Path, seed: int, case: str, *, slices: int = 40) -> Path:
+    """A small phantom CTPA study of a demo ``case`` ("central": an acute central embolus, "negative", ...;
+    the phantom the demo sends for that seed, slices of at most 3 mm); returns its series folder."""
+    from pe_triage_node.services.demo import demo_phantom
 
-    spec = sample_spec(seed, size="small", slices=slices, category=category,  # type: ignore[arg-type]
-                       pe_type="acute" if category == "positive" else None)
-    return write_phantom_study(render_phantom(spec), tmp, split="acceptance").series_dir
+    return demo_phantom(case, tmp, slices=slices, seed=seed)[0]
 
 
 def seed_selected_series(

@@ -28,7 +28,7 @@ from tests import node_support, peers, ris_peers
 
 pytestmark = pytest.mark.slow
 
-CENTRAL_SEED = 2  # the 40-slice positive phantom with a central embolus (tests/acceptance/test_node_with_orthanc.py)
+CENTRAL_SEED = 2  # the demo's central-PE phantom for this seed (tests/acceptance/test_node_with_orthanc.py)
 TOKEN = "acceptance-bearer-token"
 HL7_PRIORITY = {"STAT": "S", "URGENT": "A", "ROUTINE": "R"}
 
@@ -37,7 +37,7 @@ HL7_PRIORITY = {"STAT": "S", "URGENT": "A", "ROUTINE": "R"}
 def test_one_study_reaches_dicom_dicomweb_hl7_and_fhir_destinations_once(
     tmp_path: Path, db_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    series = node_support.phantom_ctpa(tmp_path_factory.mktemp("phantom"), CENTRAL_SEED, "positive")
+    series = node_support.phantom_ctpa(tmp_path_factory.mktemp("phantom"), CENTRAL_SEED, "central")
     source = pydicom.dcmread(next(series.glob("*.dcm")), stop_before_pixels=True)
     manifest = node_support.DEMO_MANIFEST if node_support.DEMO_MANIFEST.is_file() else node_support.tiny_manifest(tmp_path / "model")
 
@@ -111,7 +111,8 @@ def test_one_study_reaches_dicom_dicomweb_hl7_and_fhir_destinations_once(
     assert str(msg.segment("OBR")[20]) == source.StudyInstanceUID
     assert str(msg.segment("TQ1")[9][0][0]) == HL7_PRIORITY[row.priority]
     pe = next(seg for seg in msg.segments("OBX") if str(seg[3][0][0]) == "59282003")
-    assert str(pe[5][0][1]) == ("Present" if found.labels.get("pe_present_on_image") else "Absent")
+    assert str(pe[5][0][1]) == ("Present" if found.labels.get("pe_present_on_image")
+                                else "Indeterminate" if found.labels.get("indeterminate") else "Absent")
     # FHIR: one valid Bundle, with the token, the stored priority and headline
     assert ehr.answered == [200] and ehr.authorizations == [f"Bearer {TOKEN}"]
     resources = {r["resourceType"]: r for r in ehr.resources()}
