@@ -187,6 +187,9 @@ class Wakeup:
             self._fds = None
 
     def __enter__(self) -> Self:
+        # listen before the consumer's first claim: a job committed between that claim and a
+        # later LISTEN would otherwise wait for the next poll
+        self._open()
         return self
 
     def __exit__(self, *exc: object) -> None:
