@@ -2,7 +2,7 @@
 
 * **Grad-CAM overlay** (one per map in the result): the source slice that drove a
   positive finding, in the PE window (level 100, width 700 HU), with the
-  Grad-CAM heat map blended over it, a marker at the peak, and the finding,
+  Grad-CAM heat map blended over it, a marker at the Guided Grad-CAM peak, and the finding,
   probability, threshold and "NOT FOR DIAGNOSTIC USE" burned in above and below
   the image (never over the anatomy).
 * **Summary**: a banner in the priority's colour with the headline finding, the

@@ -31,9 +31,9 @@ import torch
 from pe_triage_node.config import InferenceSection
 from pe_triage_node.errors import WeightsError
 from pe_triage_node.inference.consistency import correct
-from pe_triage_node.inference.gradcam import evidence_peak, upsample_cam
+from pe_triage_node.inference.gradcam import guided_backprop, guided_encoder, guided_gradcam_peak, upsample_cam
 from pe_triage_node.inference.labels import PE_SPECIFIC, STUDY_LABELS, WINDOW_LABEL
-from pe_triage_node.inference.networks import fit_sequence, fold_batchnorm, unfit_sequence
+from pe_triage_node.inference.networks import WindowEncoder, fit_sequence, fold_batchnorm, unfit_sequence
 from pe_triage_node.inference.preprocess import LungmaskBox, PreparedStudy, describe_box, find_lungmask_weights, prepare_study
 from pe_triage_node.inference.result import GradCamMap, StudyResult, WindowSpan, summarise_map
 from pe_triage_node.inference.volume import WINDOW_SLICES, CTVolume, load_ct_volume
@@ -114,6 +114,7 @@ class InferenceEngine:
         channels_last: bool = True,
         max_tilt_deg: float = 2.0,
         require_contrast: bool = False,
+        guided_evidence: bool = True,
     ) -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -125,6 +126,8 @@ class InferenceEngine:
         self.channels_last = channels_last
         self.max_tilt_deg = max_tilt_deg
         self.require_contrast = require_contrast
+        self.guided_evidence = guided_evidence
+        self._guided: WindowEncoder | None = None
         self.input_size = model.manifest.input_size
         # Phase 1 runs a copy with BatchNorm folded into the convolutions. On a CPU in bf16
         # its weights are cast to bf16 (no per-call autocast casts); on CUDA AMP autocast.
@@ -323,6 +326,15 @@ class InferenceEngine:
             source_sop_instance_uids=list(volume.sop_instance_uids),
         )
 
+    def _saliency(self, prepared: PreparedStudy, windows: list[int]) -> torch.Tensor | None:
+        """Guided backpropagation of the shown windows, one pass (Guided Grad-CAM's fine part); ``None`` when off."""
+        if not self.guided_evidence or not windows:
+            return None
+        if self._guided is None:
+            self._guided = guided_encoder(self._encoder)
+        x = torch.cat([prepared.window_batch(w, w + 1) for w in windows]).to(self.device)
+        return guided_backprop(self._guided, x)
+
     def _gradcam(
         self,
         prepared: PreparedStudy,
@@ -355,9 +367,11 @@ class InferenceEngine:
         out = []
         s = self.input_size
         n_src = volume.shape[0]
-        for w, names in list(chosen.items())[: self.gradcam_windows]:
+        shown = list(chosen.items())[: self.gradcam_windows]
+        saliency = self._saliency(prepared, [w for w, _ in shown])
+        for i, (w, names) in enumerate(shown):
             cam, peak = upsample_cam(cams[w], (WINDOW_SLICES, s, s))
-            z, v, u = evidence_peak(cam, prepared.window_region(w))
+            z, v, u = guided_gradcam_peak(cam, saliency[i] if saliency is not None else torch.ones_like(cam), prepared.window_region(w))
             src = prepared.source_slice(w, z, n_src)
             row, col = prepared.source_pixel(v, u)
             if volume.flipped_y:

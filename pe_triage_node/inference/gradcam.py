@@ -4,12 +4,20 @@ The engine uses the closed form that :class:`~.networks.WindowEncoder` returns w
 every forward pass (exact for global average pooling + a linear head);
 :func:`gradcam_autograd` is the textbook hook-and-backward version, kept to
 check that equality and for heads that are not linear.
+
+``layer4`` is 16 input pixels per cell, so its map alone cannot say which vessel
+holds the clot. The same paper's Guided Grad-CAM (the map times guided
+backpropagation's input gradient, :func:`guided_backprop`) has the input's
+resolution; the engine marks its peak, inside the coarse map's support.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pe_triage_node.inference.networks import WindowEncoder
 
@@ -68,3 +76,55 @@ def evidence_peak(cam: torch.Tensor, region: torch.Tensor | None) -> tuple[int, 
     if region is None or not bool(region.any()):
         return peak_location(cam)
     return peak_location(torch.where(region.to(cam.device), cam, torch.full_like(cam, -1.0)))
+
+
+class _GuidedReLUFn(torch.autograd.Function):
+    """ReLU whose backward passes only positive gradients through positive inputs (Springenberg et al. 2015)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad.clamp(min=0) * (x > 0).to(grad.dtype)
+
+
+class _GuidedReLU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _GuidedReLUFn.apply(x)  # type: ignore[no-any-return]
+
+
+def guided_encoder(encoder: WindowEncoder) -> WindowEncoder:
+    """A float32 copy of ``encoder`` whose ReLUs are guided (for :func:`guided_backprop`)."""
+    guided = copy.deepcopy(encoder).float().eval()
+    for mod in list(guided.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(mod, name, _GuidedReLU())
+    for p in guided.parameters():
+        p.requires_grad_(False)
+    return guided
+
+
+def guided_backprop(guided: WindowEncoder, windows: torch.Tensor) -> torch.Tensor:
+    """Guided backpropagation of each window's logit to its input, windows (B, 3, 10, S, S) in one pass:
+    (B, 10, S, S), >= 0, the largest positive gradient over the three channels (BatchNorm folded or in eval
+    mode, so the windows do not mix)."""
+    with torch.enable_grad():
+        x = windows.detach().float().contiguous().requires_grad_(True)
+        logits = guided.fc(guided.avgpool(guided.block_output(x)).flatten(1))[:, 0]
+        (grad,) = torch.autograd.grad(logits.sum(), x)
+    return grad.clamp(min=0).amax(dim=1)
+
+
+def guided_gradcam_peak(cam: torch.Tensor, saliency: torch.Tensor, region: torch.Tensor | None) -> tuple[int, int, int]:
+    """The peak of Guided Grad-CAM (``cam`` (10, S, S) upsampled, in [0, 1], times ``saliency``) inside ``region``;
+    :func:`evidence_peak` of the map alone where the product is empty there."""
+    product = cam * saliency.to(cam.device, cam.dtype)
+    inside = region if region is not None and bool(region.any()) else torch.ones_like(cam, dtype=torch.bool)
+    if float(product[inside.to(cam.device)].max()) <= 0:
+        return evidence_peak(cam, region)
+    return evidence_peak(product, region)

@@ -21,8 +21,9 @@ class GradCamMap:
     """Grad-CAM of the phase-1 logit on r3d_18's last block for one window, upsampled to the window.
 
     ``cam`` is (10, S, S) in [0, 1] (float16), or ``None`` when read back from
-    summary JSON; ``peak_slice_map`` is the peak slice at 48 x 48. Peak row and
-    column are in the source image's own pixel grid (as the DICOM stores it).
+    summary JSON; ``peak_slice_map`` is the peak slice at 48 x 48. The peak (slice,
+    row, column) is Guided Grad-CAM's (:mod:`~pe_triage_node.inference.gradcam`), row and
+    column in the source image's own pixel grid (as the DICOM stores it).
     """
 
     window: int

@@ -6,7 +6,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from pe_triage_node.inference.gradcam import gradcam_autograd, peak_location, upsample_cam
+from pe_triage_node.inference.gradcam import (
+    gradcam_autograd,
+    guided_backprop,
+    guided_encoder,
+    guided_gradcam_peak,
+    peak_location,
+    upsample_cam,
+)
 from pe_triage_node.inference.networks import WindowEncoder
 from pe_triage_node.inference.preprocess import hu_to_channels
 
@@ -75,3 +82,41 @@ def test_gradcam_peaks_inside_the_lesion(lesion: tuple[slice, slice, slice]) -> 
         _, _, empty = enc(hu_to_channels(torch.full((10, 64, 64), 40.0))[None])
     assert float(empty.clamp(min=0).max()) == 0.0
     assert np.isfinite(up.numpy()).all()
+
+
+SMALL_CLOT = (slice(3, 6), slice(37, 40), slice(21, 24))  # 3 x 3 pixels, between layer4's cell centres
+
+
+def test_guided_gradcam_marks_a_small_lesion_the_coarse_map_misses() -> None:
+    enc = lesion_detector()
+    x = window_with_lesion(SMALL_CLOT)
+    with torch.inference_mode():
+        _, _, cam = enc(x)
+    up, _ = upsample_cam(cam[0], (10, 64, 64))
+    coarse = peak_location(up)
+    inside = all(s.start <= v < s.stop for s, v in zip(SMALL_CLOT, coarse))
+    assert not inside, "the layer4 map alone should peak on a cell centre, off a 3-pixel lesion"
+    both = guided_backprop(guided_encoder(enc), torch.cat([x, window_with_lesion(LESIONS[0])]))
+    assert both.shape == (2, 10, 64, 64) and float(both.min()) >= 0
+    saliency = both[0]
+    z, r, c = guided_gradcam_peak(up, saliency, None)
+    assert all(s.start <= v < s.stop for s, v in zip(SMALL_CLOT, (z, r, c)))
+    # a region that excludes the lesion keeps the marker inside the region
+    region = torch.zeros(10, 64, 64, dtype=torch.bool)
+    region[:, :, 40:] = True
+    assert guided_gradcam_peak(up, saliency, region)[2] >= 40
+
+
+def test_guided_encoder_is_a_copy_with_guided_relus() -> None:
+    enc = lesion_detector()
+    guided = guided_encoder(enc)
+    assert any(isinstance(m, nn.ReLU) for m in enc.modules())
+    assert not any(isinstance(m, nn.ReLU) for m in guided.modules())
+    x = torch.randn(1, 3, 10, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(enc(x)[0], guided(x)[0])  # same forward
+    # backward: only positive gradients through positive inputs
+    t = torch.tensor([-1.0, 2.0, 3.0], requires_grad=True)
+    relu = next(m for m in guided.modules() if type(m).__name__ == "_GuidedReLU")
+    relu(t).backward(torch.tensor([5.0, -4.0, 6.0]))
+    assert t.grad is not None and t.grad.tolist() == [0.0, 0.0, 6.0]
