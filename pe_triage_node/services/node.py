@@ -73,14 +73,9 @@ def run_exporter_service(cfg: NodeConfig) -> int:
 
 def run_web_service(cfg: NodeConfig) -> int:
     """The web console (uvicorn stops on SIGTERM/SIGINT by itself)."""
-    import uvicorn
+    from pe_triage_node.web.cli import serve_console
 
-    from pe_triage_node.web.app import create_app
-
-    log.info("web console on http://%s:%d (NOT FOR DIAGNOSTIC USE)", cfg.web.host, cfg.web.port)
-    uvicorn.run(create_app(cfg), host=cfg.web.host, port=cfg.web.port, log_level="warning",
-                access_log=False, proxy_headers=False, server_header=False)
-    return 0
+    return serve_console(cfg)
 
 
 def run_role(role: str, cfg: NodeConfig, *, random_weights: bool = False) -> int:

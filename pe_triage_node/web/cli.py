@@ -44,20 +44,19 @@ def make_server(cfg: NodeConfig, engine: Engine | None = None, host: str | None 
     return uvicorn.Server(config)
 
 
-def _web(args: argparse.Namespace) -> int:
-    import uvicorn
+def serve_console(cfg: NodeConfig, host: str | None = None, port: int | None = None) -> int:
+    """Serve the console in this process until SIGTERM/SIGINT (uvicorn's own handlers)."""
+    log.info("web console on http://%s:%d (NOT FOR DIAGNOSTIC USE)", host or cfg.web.host, port or cfg.web.port)
+    make_server(cfg, host=host, port=port).run()
+    return 0
 
+
+def _web(args: argparse.Namespace) -> int:
     from pe_triage_node.services.logs import configure_logging
-    from pe_triage_node.web.app import create_app
 
     cfg = _prepare(args)
     configure_logging(cfg, "web")
-    host = args.host or cfg.web.host
-    port = args.port or cfg.web.port
-    log.info("web console on http://%s:%d (NOT FOR DIAGNOSTIC USE)", host, port)
-    uvicorn.run(create_app(cfg), host=host, port=port, log_level="warning", access_log=False,
-                proxy_headers=False, server_header=False)
-    return 0
+    return serve_console(cfg, args.host, args.port)
 
 
 NO_TERMINAL = (
