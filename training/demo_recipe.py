@@ -64,6 +64,7 @@ def run_demo(
     window_q_floor: float = 0.05,
     slices: int | tuple[int, int] | None = None,
     device: str = "auto",
+    init_manifest: Path | None = None,
     show_progress: bool = True,
     command: str = "",
 ) -> dict[str, Any]:
@@ -76,7 +77,10 @@ def run_demo(
     cfg = PipelineConfig(
         input_size=input_size,
         lung_crop="threshold",
-        phase1=Phase1Config(epochs=phase1_epochs, seed=SEEDS["training"], max_minutes=phase1_max_minutes, device=device),
+        phase1=Phase1Config(
+            epochs=phase1_epochs, seed=SEEDS["training"], max_minutes=phase1_max_minutes, device=device,
+            init_manifest=str(init_manifest) if init_manifest is not None else None,
+        ),
         phase2=Phase2Config(epochs=phase2_epochs, seed=SEEDS["training"], window_q_floor=window_q_floor, device=device),
         model_name="pe-tcn-attention-demo-phantoms",
         model_version="0.1.0-demo",
@@ -97,7 +101,9 @@ def run_demo(
             "phase1_epochs": phase1_epochs,
             "phase1_max_minutes": phase1_max_minutes,
             "window_q_floor": window_q_floor,
-            "note": "paper: 192 x 192 (train crops of 224), 20 epochs, Kinetics-400 pretrained r3d_18; here from scratch",
+            "phase1_init": str(init_manifest) if init_manifest is not None else "random",
+            "note": "paper: 192 x 192 (train crops of 224), 20 epochs, Kinetics-400 pretrained r3d_18; here "
+            + ("phase 1 continues from earlier demo weights (phase1.json -> initialised_from)" if init_manifest is not None else "from scratch"),
         },
         "synth_s": synth_s,
     }
@@ -166,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phase1-max-minutes", type=float, default=26.0)
     ap.add_argument("--phase2-epochs", type=int, default=200)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--init", type=Path, default=None, metavar="MANIFEST",
+                    help="start phase 1 from these weights (e.g. the previous models/demo/manifest.json) instead of random ones")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -180,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         phase1_max_minutes=args.phase1_max_minutes,
         phase2_epochs=args.phase2_epochs,
         device=args.device,
+        init_manifest=args.init,
         show_progress=not args.quiet,
         command="python -m training.demo_recipe " + " ".join(sys.argv[1:] if argv is None else argv),
     )

@@ -77,6 +77,7 @@ class Phase1Config:
     device: str = "auto"
     precision: str = "auto"
     dtype: str = "float32"  # of weights and windows; "float64" (with precision fp32) checks equivalences to rounding
+    init_manifest: str | None = None  # start from this weights manifest's phase 1 (the paper starts from Kinetics-400)
 
 
 def _epoch_windows(studies: list[CachedStudy], cfg: Phase1Config, epoch: int) -> list[tuple[int, int]]:
@@ -124,6 +125,17 @@ class TrainingForward(torch.nn.Module):
         logit = m.fc(m.avgpool(a).flatten(1))[:, 0]
         cam = torch.einsum("bcthw,c->bthw", a, m.fc.weight[0]) / (a.shape[2] * a.shape[3] * a.shape[4])
         return logit, cam
+
+
+def initial_encoder(cfg: Phase1Config) -> WindowEncoder:
+    """A fresh :class:`WindowEncoder`, or ``cfg.init_manifest``'s phase 1 (sha256-checked by the loader)."""
+    if cfg.init_manifest is None:
+        return WindowEncoder()
+    from pe_triage_node.inference.weights import load_weights
+
+    encoder = load_weights(Path(cfg.init_manifest)).phase1
+    log.info("phase 1 starts from %s", cfg.init_manifest)
+    return encoder
 
 
 def _training_window(st: CachedStudy, start: int, cfg: Phase1Config, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -176,7 +188,7 @@ def train_phase1(cache_dir: Path, out_dir: Path, cfg: Phase1Config, *, show_prog
     train, tindex = load_cached(cache_dir, "train")
     val, _ = load_cached(cache_dir, "val")
     dtype = getattr(torch, cfg.dtype)
-    model = WindowEncoder().to(device, dtype)
+    model = initial_encoder(cfg).to(device, dtype)
     if ctx.world > 1:
         sync_batchnorm(model, device)  # before the optimiser: the converted layers hold new parameters
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -284,6 +296,7 @@ def train_phase1(cache_dir: Path, out_dir: Path, cfg: Phase1Config, *, show_prog
             "used": cfg.attention_lambda > 0 and any(st.mask is not None for st in train),
         },
         "augmentation": "random in-plane crop offset (up to (224-192)/224 of the field) with the window start's z shift, rotation up to 15 degrees (training/augment.py)" if cfg.augment else "none",
+        "initialised_from": _init_record(cfg),
         "best_epoch": best_epoch,
         "best_val_window_auroc": round(best_auc, 4),
         "epochs_run": len(history),
@@ -295,6 +308,22 @@ def train_phase1(cache_dir: Path, out_dir: Path, cfg: Phase1Config, *, show_prog
         write_json(out_dir / "phase1.json", record)
     ctx.barrier()
     return record
+
+
+def _init_record(cfg: Phase1Config) -> dict[str, Any] | None:
+    """Which weights phase 1 started from: the manifest's model, version and phase-1 file sha256; ``None``: random."""
+    if cfg.init_manifest is None:
+        return None
+    import json
+
+    m = json.loads(Path(cfg.init_manifest).read_text(encoding="utf-8"))
+    files = [f for f in m.get("files", []) if f.get("role") == "phase1"]
+    return {
+        "manifest": str(cfg.init_manifest),
+        "model_name": m.get("model_name"),
+        "model_version": m.get("model_version"),
+        "phase1_sha256": files[0]["sha256"] if files else None,
+    }
 
 
 def _epoch_loss(ctx: DistContext, parts: list[float]) -> float | None:
@@ -352,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--neg-ratio", type=float, default=1.0)
     ap.add_argument("--attention-lambda", type=float, default=1.0, help="weight of the attention loss where masks exist (0: classification loss only)")
     ap.add_argument("--max-minutes", type=float, default=None)
+    ap.add_argument("--init", type=str, default=None, metavar="MANIFEST", help="start from this weights manifest's phase 1 (default: random)")
     ap.add_argument("--no-augment", action="store_true", help="no random crop/rotation")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="auto: bf16 on CUDA and on CPUs with native bf16")
@@ -364,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.features_only:
         cfg = Phase1Config(
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, neg_ratio=args.neg_ratio, max_minutes=args.max_minutes,
-            attention_lambda=args.attention_lambda, augment=not args.no_augment, device=args.device, precision=args.precision, dtype=args.dtype,
+            attention_lambda=args.attention_lambda, augment=not args.no_augment, init_manifest=args.init, device=args.device, precision=args.precision, dtype=args.dtype,
         )
         ctx, _ = init_distributed(args.device)  # torchrun: every rank trains, rank 0 extracts the features
         train_phase1(args.cache_dir, args.out_dir, cfg, show_progress=ctx.main)

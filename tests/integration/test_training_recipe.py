@@ -75,3 +75,18 @@ def test_pipeline_end_to_end_tiny(tmp_path: Path) -> None:
     assert result.geometry["input_size"] == 32
     assert set(result.probabilities) == set(STUDY_LABELS)
     assert np.isfinite(result.window_probabilities).all()
+
+
+def test_phase1_can_start_from_earlier_weights() -> None:
+    from pe_triage_node.inference.weights import default_manifest_path, load_weights
+    from training.phase1 import Phase1Config, _init_record, initial_encoder
+
+    manifest = default_manifest_path()
+    shipped = load_weights(manifest).phase1.state_dict()
+    started = initial_encoder(Phase1Config(init_manifest=str(manifest))).state_dict()
+    assert all(torch.equal(shipped[k], started[k]) for k in shipped)
+    fresh = initial_encoder(Phase1Config()).state_dict()
+    assert not torch.equal(fresh["fc.weight"], shipped["fc.weight"])
+    rec = _init_record(Phase1Config(init_manifest=str(manifest)))
+    assert rec is not None and rec["phase1_sha256"] and rec["model_version"]
+    assert _init_record(Phase1Config()) is None
