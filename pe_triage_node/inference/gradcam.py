@@ -8,7 +8,7 @@ check that equality and for heads that are not linear.
 ``layer4`` is 16 input pixels per cell, so its map alone cannot say which vessel
 holds the clot. The same paper's Guided Grad-CAM (the map times guided
 backpropagation's input gradient, :func:`guided_backprop`) has the input's
-resolution; the engine marks its peak, inside the coarse map's support.
+resolution; the engine marks its peak inside the coarse map's hot part (at least half its maximum).
 """
 
 from __future__ import annotations
@@ -120,11 +120,17 @@ def guided_backprop(guided: WindowEncoder, windows: torch.Tensor) -> torch.Tenso
     return grad.clamp(min=0).amax(dim=1)
 
 
+GUIDED_SUPPORT = 0.5  # the fine peak is sought where the coarse map is at least half its maximum
+
+
 def guided_gradcam_peak(cam: torch.Tensor, saliency: torch.Tensor, region: torch.Tensor | None) -> tuple[int, int, int]:
-    """The peak of Guided Grad-CAM (``cam`` (10, S, S) upsampled, in [0, 1], times ``saliency``) inside ``region``;
-    :func:`evidence_peak` of the map alone where the product is empty there."""
-    product = cam * saliency.to(cam.device, cam.dtype)
-    inside = region if region is not None and bool(region.any()) else torch.ones_like(cam, dtype=torch.bool)
-    if float(product[inside.to(cam.device)].max()) <= 0:
+    """The peak of Guided Grad-CAM (``cam`` (10, S, S) upsampled, in [0, 1], times ``saliency``) where ``cam`` is
+    at least :data:`GUIDED_SUPPORT` of its maximum inside ``region`` (so the marker sits in the heat map's hot
+    part); :func:`evidence_peak` of the map alone where the product is empty there."""
+    inside = region.to(cam.device) if region is not None and bool(region.any()) else torch.ones_like(cam, dtype=torch.bool)
+    top = float(cam[inside].max())
+    support = inside & (cam >= GUIDED_SUPPORT * top)
+    product = torch.where(support, cam * saliency.to(cam.device, cam.dtype), torch.zeros_like(cam))
+    if top <= 0 or float(product.max()) <= 0:
         return evidence_peak(cam, region)
-    return evidence_peak(product, region)
+    return peak_location(torch.where(support, product, torch.full_like(cam, -1.0)))
