@@ -212,7 +212,8 @@ class InferenceWorker:
                                         prefetched=self.prefetch.take if self.prefetch is not None else None)
                 load_s = time.perf_counter() - t0
                 if self.prefetch is not None:
-                    log.info("job %d: %d of %d slices decoded ahead", job.id, self.prefetch.used - used, len(current.files))
+                    log.info("job %d: %d of %d slices decoded ahead, series loaded in %.2f s",
+                             job.id, self.prefetch.used - used, len(current.files), load_s)
                 if volume.series_instance_uid != uid:
                     raise RuntimeError("the spool files recorded for the series hold another series")
                 self._stage(job, "inference")
