@@ -31,7 +31,7 @@ meaning.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableSequence, Sequence
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -229,6 +229,13 @@ def build_measurement_report(
     result: StudyResult, decision: PriorityDecision, source_datasets: Sequence[Dataset], uids: identity.OutputUIDs
 ) -> hd.sr.MeasurementReport:
     """The TID 1500 content tree for ``result`` (``source_datasets``: the analysed series' headers)."""
+    report = _findings_report(result, decision, uids)
+    _insert_image_library([report[0].ContentSequence], source_datasets)
+    return report
+
+
+def _findings_report(result: StudyResult, decision: PriorityDecision, uids: identity.OutputUIDs) -> hd.sr.MeasurementReport:
+    """The TID 1500 content tree less its Image Library."""
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uids.tracking, identifier="PE triage"),
         finding_type=PULMONARY_EMBOLISM,
@@ -242,11 +249,18 @@ def build_measurement_report(
         procedure_reported=CT_ANGIOGRAPHY,
         imaging_measurements=[group],
     )
-    root = report[0].ContentSequence
-    at = next(i for i, item in enumerate(root) if item.name == codes.DCM.ProcedureReported) + 1
-    root.insert(at, image_library(source_datasets))  # TID 1500 row 5 follows the procedure reported
-    root.append(_study_evaluations(result, decision))
+    report[0].ContentSequence.append(_study_evaluations(result, decision))
     return report
+
+
+def _insert_image_library(roots: Sequence[MutableSequence[Dataset]], datasets: Sequence[Dataset]) -> None:
+    """TID 1500 row 5: the Image Library right after the procedure reported, in each of ``roots``
+    (the root container's items; the same library item in each)."""
+    library = image_library(datasets)
+    for root in {id(root): root for root in roots}.values():
+        at = next(i for i, item in enumerate(root) if hd.sr.CodedConcept.from_dataset(item.ConceptNameCodeSequence[0])
+                  == codes.DCM.ProcedureReported) + 1
+        root.insert(at, library)
 
 
 def image_library(datasets: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
@@ -307,11 +321,13 @@ def build_sr(
     for ds in source_datasets:
         if ds.SeriesInstanceUID != result.series_instance_uid:
             raise ValueError("a source dataset belongs to another series than the result")
-    report = build_measurement_report(result, decision, source_datasets, uids)
     study_uid = str(source_datasets[0].StudyInstanceUID)
+    # highdicom copies the content tree it is given and searches it for the images it references,
+    # about 0.25 s for a 300-image library: the library (all of it evidence, which highdicom records
+    # from ``evidence`` whether referenced or not) goes into the document once it is built.
     sr = hd.sr.Comprehensive3DSR(
         evidence=source_datasets,
-        content=report,
+        content=_findings_report(result, decision, uids),
         series_instance_uid=uids.sr_series,
         series_number=identity.SR_SERIES_NUMBER,
         sop_instance_uid=uids.sr_instance,
@@ -327,6 +343,7 @@ def build_sr(
         transfer_syntax_uid=ExplicitVRLittleEndian,
         previous_versions=[predecessor_reference(study_uid, previous)] if previous is not None else None,
     )
+    _insert_image_library([sr.ContentSequence, sr.content[0].ContentSequence], source_datasets)  # the document, highdicom's view
     sr.CodingSchemeIdentificationSequence = [coding_scheme_identification()]
     return sr
 

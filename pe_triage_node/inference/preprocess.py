@@ -337,9 +337,11 @@ def _on_prepared_grid(masks: ChestMasks, box: Box, size: int) -> tuple[np.ndarra
     zi = np.minimum(np.arange(z0, z1) // g, gz - 1)
     yi = np.minimum(np.floor(y0 + (np.arange(size) + 0.5) * (y1 - y0) / size).astype(int) // g, gy - 1)
     xi = np.minimum(np.floor(x0 + (np.arange(size) + 0.5) * (x1 - x0) / size).astype(int) // g, gx - 1)
-    grid = np.ix_(zi, yi, xi)
-    lungs = masks.lungs[grid]
-    return masks.evidence_region()[grid], lungs.mean(axis=(1, 2))
+
+    def on_prepared(cells: np.ndarray) -> np.ndarray:  # = cells[np.ix_(zi, yi, xi)], axis by axis: 3-4 x faster
+        return cells[zi][:, yi][:, :, xi]
+
+    return on_prepared(masks.evidence_region()), on_prepared(masks.lungs).mean(axis=(1, 2))
 
 
 def describe_box(p: PreparedStudy) -> dict[str, Any]:

@@ -89,7 +89,7 @@ from pe_triage_node.queue import (
 )
 from pe_triage_node.queue.wakeup import Wakeup
 from pe_triage_node.stopping import stop_on_signals
-from pe_triage_node.worker.prefetch import SlicePrefetch, run_idle
+from pe_triage_node.worker.prefetch import SlicePrefetch, run_idle, volume_pages_reuse_freed_slices
 
 if TYPE_CHECKING:  # torch only where the engine is built
     from pydicom.dataset import Dataset
@@ -212,7 +212,8 @@ class InferenceWorker:
                                         prefetched=self.prefetch.take if self.prefetch is not None else None)
                 load_s = time.perf_counter() - t0
                 if self.prefetch is not None:
-                    log.info("job %d: %d of %d slices decoded ahead", job.id, self.prefetch.used - used, len(current.files))
+                    log.info("job %d: %d of %d slices decoded ahead, series loaded in %.2f s",
+                             job.id, self.prefetch.used - used, len(current.files), load_s)
                 if volume.series_instance_uid != uid:
                     raise RuntimeError("the spool files recorded for the series hold another series")
                 self._stage(job, "inference")
@@ -505,6 +506,8 @@ def run_worker_service(cfg: NodeConfig, *, random_weights: bool = False) -> int:
     from pe_triage_node.errors import WeightsError
 
     stop = stop_on_signals("the worker stops after its current job")
+    if not volume_pages_reuse_freed_slices():
+        log.info("numpy's huge-page switch not found: loading a series may cost more")
     try:
         model = load_model(cfg, random_weights=random_weights)
     except WeightsError as exc:

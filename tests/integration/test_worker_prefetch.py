@@ -15,7 +15,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from pe_triage_node.db.models import Instance, Job, JobState, TriageResult
-from pe_triage_node.inference.volume import load_ct_volume
+from pe_triage_node.inference.volume import SliceHeader, load_ct_volume
 from pe_triage_node.worker.prefetch import SlicePrefetch, run_idle
 from tests import node_support, peers
 
@@ -51,9 +51,18 @@ def test_slices_decoded_while_the_series_arrives_load_as_its_files_do(
     files = _spool_files(engine, spool)
     assert len(prefetch) == len(files) == 30 and prefetch.bytes == 30 * SLICE_BYTES
 
-    ahead = load_ct_volume(files, keep_datasets=True, prefetched=prefetch.take)
+    taken: list[SliceHeader] = []
+
+    def take(path: Path) -> SliceHeader | None:
+        decoded = prefetch.take(path)
+        if decoded is not None:
+            taken.append(decoded)
+        return decoded
+
+    ahead = load_ct_volume(files, keep_datasets=True, prefetched=take)
     read = load_ct_volume(files, keep_datasets=True)
     assert prefetch.used == 30 and len(prefetch) == 0 and prefetch.bytes == 0, "taken slices leave the memory"
+    assert len(taken) == 30 and all(h.hu is None for h in taken), "each slice's HU is released once copied in"
     assert np.array_equal(ahead.hu, read.hu)
     assert ahead.sop_instance_uids == read.sop_instance_uids and ahead.spacing == read.spacing
     assert [ds.SOPInstanceUID for ds in ahead.datasets] == [ds.SOPInstanceUID for ds in read.datasets]
