@@ -1,24 +1,37 @@
 """Read only the attributes the node indexes from an encoded dataset, never its pixel data.
 
 The C-STORE handler hands over the dataset bytes exactly as received (PS3.8
-P-DATA fragments reassembled); this module walks the top-level elements with
-pydicom, skips every value it does not index, stops at (7FE0,0010) Pixel Data
-and checks that the pixel element's declared length fits the bytes received,
-so a truncated instance is refused instead of spooled.
+P-DATA fragments reassembled); this module walks the top-level elements, skips
+every value it does not index, stops at (7FE0,0010) Pixel Data and checks that
+the pixel element's declared length fits the bytes received, so a truncated
+instance is refused instead of spooled.
+
+The walk over little endian data is this module's own (:func:`_scan_le`, a few
+struct reads per element); the indexed values are decoded by pydicom exactly as
+a pydicom read would. Anything the walk does not expect (a truncated element, an
+unknown VR, undefined length outside a sequence, big endian) is read again by
+pydicom's reader (:func:`_read_with_pydicom`), which gives the verdict and the reason.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_16
+from pydicom.values import convert_value
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from pe_triage_node.dicom.uids import validate_uid
@@ -28,6 +41,11 @@ PIXEL_DATA = 0x7FE00010
 _SEQ_DELIMITER_LE = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _SEQ_DELIMITER_BE = b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"
 _LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+_SPECIFIC_CHARACTER_SET = 0x00080005
+_ITEM = 0xFFFEE000
+_ITEM_END = 0xFFFEE00D
+_SEQUENCE_END = 0xFFFEE0DD
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 INDEXED_TAGS: list[BaseTag | int] = [
     0x00080005,  # SpecificCharacterSet
@@ -62,6 +80,16 @@ INDEXED_TAGS: list[BaseTag | int] = [
     0x00200032,  # ImagePositionPatient
     0x00200037,  # ImageOrientationPatient
 ]
+_KEYWORDS: dict[int, str] = {int(tag): keyword_for_tag(tag) for tag in INDEXED_TAGS}
+_DICTIONARY_VRS: dict[int, str] = {int(tag): dictionary_VR(tag) for tag in INDEXED_TAGS}
+# Decoded by pydicom as the text itself, trailing spaces and NULs off (DA/TM: unless datetime_conversion).
+_PLAIN_STRING_VRS = frozenset({"AS", "CS", "DA", "TM", "UI"})
+_NUMBER_STRING_VRS = frozenset({"DS", "IS"})
+_TEXT_VRS = frozenset({"LO", "PN", "SH", "UC"})  # decoded with the Specific Character Set
+_DS_PATTERN = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_IS_PATTERN = re.compile(r"[+-]?[0-9]+")
+_SHORT_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_16)  # 2-byte length in explicit VR
+_LONG_VRS_BYTES = frozenset(vr.encode() for vr in _LONG_VRS)
 
 
 @dataclass(slots=True)
@@ -114,6 +142,25 @@ def read_indexed_attributes(stream: bytes, transfer_syntax: str) -> IndexedAttri
             raise InputRejected("deflated dataset is truncated")
     if len(buf) < 8:
         raise InputRejected(f"dataset too short ({len(buf)} bytes)")
+    scanned = _scan_le(buf, implicit) if little else None
+    source, pixel_at = scanned if scanned is not None else _read_with_pydicom(buf, implicit, little)
+    pixel_length = _check_complete(buf, pixel_at, implicit, little)
+    try:
+        values = _values(source) if isinstance(source, Dataset) else _decode_raw(source)
+    except Exception as exc:
+        raise InputRejected(f"indexed attribute cannot be decoded: {type(exc).__name__}: {exc}") from exc
+    if pixel_length is not None and pixel_length != 0xFFFFFFFF:
+        _check_native_pixel_length(values, pixel_length)
+    try:
+        return _attributes(values)
+    except InputRejected:
+        raise
+    except Exception as exc:
+        raise InputRejected(f"indexed attribute cannot be decoded: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_with_pydicom(buf: bytes, implicit: bool, little: bool) -> tuple[Dataset, int]:
+    """The indexed elements read by pydicom, and where its read stopped."""
     fp = BytesIO(buf)
     try:
         ds = read_dataset(
@@ -125,19 +172,132 @@ def read_indexed_attributes(stream: bytes, transfer_syntax: str) -> IndexedAttri
         )
     except Exception as exc:  # pydicom raises many types on garbage
         raise InputRejected(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from exc
-    pixel_length = _check_complete(buf, fp.tell(), implicit, little)
+    return ds, fp.tell()
+
+
+# -- the fast walk over little endian data ------------------------------------------------
+class _Unexpected(Exception):
+    """An encoding the fast walk leaves to pydicom's reader."""
+
+
+def _scan_le(buf: bytes, implicit: bool) -> tuple[dict[int, RawDataElement], int] | None:
+    """The indexed top-level elements of a little endian dataset, undecoded, and where Pixel Data starts
+    (the end of the data when there is none); ``None`` when the walk meets something it does not expect."""
     try:
-        values = _values(ds)
-    except Exception as exc:
-        raise InputRejected(f"indexed attribute cannot be decoded: {type(exc).__name__}: {exc}") from exc
-    if pixel_length is not None and pixel_length != 0xFFFFFFFF:
-        _check_native_pixel_length(values, pixel_length)
-    try:
-        return _attributes(values)
-    except InputRejected:
-        raise
-    except Exception as exc:
-        raise InputRejected(f"indexed attribute cannot be decoded: {type(exc).__name__}: {exc}") from exc
+        return _walk(buf, 0, implicit, top_level=True)
+    except (_Unexpected, RecursionError, struct.error):
+        return None
+
+
+def _walk(buf: bytes, pos: int, implicit: bool, *, top_level: bool) -> tuple[dict[int, RawDataElement], int]:
+    """Walk elements from ``pos``: at top level up to Pixel Data or the end, in an item up to its delimiter."""
+    found: dict[int, RawDataElement] = {}
+    end = len(buf)
+    while pos < end:
+        if end - pos < 8:
+            raise _Unexpected
+        group, element = struct.unpack_from("<HH", buf, pos)
+        tag = group << 16 | element
+        if top_level:
+            if tag == PIXEL_DATA:
+                return found, pos
+        elif tag == _ITEM_END:
+            return found, pos + 8
+        if group == 0xFFFE:
+            raise _Unexpected
+        vr: str | None = None
+        if implicit:
+            (length,) = struct.unpack_from("<L", buf, pos + 4)
+            value_at = pos + 8
+        else:
+            vr_bytes = buf[pos + 4 : pos + 6]
+            if vr_bytes in _SHORT_VRS:
+                (length,) = struct.unpack_from("<H", buf, pos + 6)
+                value_at = pos + 8
+            elif vr_bytes in _LONG_VRS_BYTES:
+                (length,) = struct.unpack_from("<L", buf, pos + 8)
+                value_at = pos + 12
+            else:
+                raise _Unexpected
+            vr = vr_bytes.decode("ascii")
+        if length == _UNDEFINED_LENGTH:
+            if (vr is not None and vr != "SQ") or tag in _KEYWORDS:
+                raise _Unexpected
+            pos = _skip_sequence(buf, value_at, implicit)
+            continue
+        pos = value_at + length
+        if pos > end:
+            raise _Unexpected
+        if top_level and tag in _KEYWORDS:
+            found[tag] = RawDataElement(BaseTag(tag), vr, length, buf[value_at:pos], value_at, implicit, True)
+    if not top_level:
+        raise _Unexpected  # an item without its delimiter
+    return found, pos
+
+
+def _skip_sequence(buf: bytes, pos: int, implicit: bool) -> int:
+    """The position after an undefined-length sequence's delimiter, its items walked (nested ones too)."""
+    end = len(buf)
+    while True:
+        if end - pos < 8:
+            raise _Unexpected
+        group, element, length = struct.unpack_from("<HHL", buf, pos)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_END:
+            return pos + 8
+        if tag != _ITEM:
+            raise _Unexpected
+        if length == _UNDEFINED_LENGTH:
+            _found, pos = _walk(buf, pos + 8, implicit, top_level=False)
+        else:
+            pos += 8 + length
+            if pos > end:
+                raise _Unexpected
+
+
+def _decode_raw(raw_elements: Mapping[int, RawDataElement]) -> dict[str, Any]:
+    """The values of the indexed elements by keyword, as pydicom decodes them; a multi-valued
+    string as the received text (values joined by backslashes), which is what the index keeps."""
+    encodings: str | list[str] = default_encoding
+    charset = raw_elements.get(_SPECIFIC_CHARACTER_SET)
+    if charset is not None:
+        value = convert_raw_data_element(charset).value
+        if value:
+            encodings = convert_encodings(value)
+    text_codec = encodings if isinstance(encodings, str) else encodings[0] if len(encodings) == 1 else None
+    values: dict[str, Any] = {}
+    for tag, raw in raw_elements.items():
+        vr = raw.VR if raw.VR is not None else _DICTIONARY_VRS[tag]
+        decoded: Any = _decode_plainly(vr, cast(bytes, raw.value), text_codec)
+        if decoded is None:  # pydicom's own conversion (hooks included for UN)
+            decoded = convert_raw_data_element(raw, encoding=encodings).value if vr == "UN" else convert_value(vr, raw, encodings)
+        values[_KEYWORDS[tag]] = decoded
+    return values
+
+
+def _decode_plainly(vr: str, data: bytes, text_codec: str | None) -> str | int | None:
+    """A value decoded without pydicom where the result is the same (``None`` elsewhere).
+
+    pydicom strips trailing spaces and NULs (per value for SH/LO/UC), decodes text
+    with the character set when no escape sequence is present, and keeps the text
+    of a DS/IS value, stripped, once it parsed as a number.
+    """
+    if vr in _PLAIN_STRING_VRS and not (vr in ("DA", "TM") and pydicom_config.datetime_conversion):
+        return data.decode(default_encoding).rstrip("\0 ")
+    if vr == "US":
+        return int.from_bytes(data, "little") if len(data) == 2 else None
+    if vr in _NUMBER_STRING_VRS:
+        parts = [part.strip() for part in data.decode(default_encoding).rstrip("\0 ").split("\\")]
+        pattern = _DS_PATTERN if vr == "DS" else _IS_PATTERN
+        return "\\".join(parts) if all(pattern.fullmatch(part) for part in parts) else None
+    if vr in _TEXT_VRS and text_codec is not None and b"\x1b" not in data:
+        try:
+            if vr == "PN":
+                return data.rstrip(b"\0 ").decode(text_codec)
+            return "\\".join(part.rstrip("\0 ") for part in data.decode(text_codec).split("\\"))
+        except (LookupError, UnicodeError):
+            return None
+    return None
 
 
 def _at_pixel_data(tag: BaseTag, _vr: str | None, _length: int) -> bool:

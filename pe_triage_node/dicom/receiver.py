@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import struct
 import threading
 import uuid
 from collections.abc import Callable
@@ -47,8 +48,8 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, _config, evt
-from pynetdicom.dsutils import encode_file_meta
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import Engine
@@ -97,6 +98,8 @@ TRANSFER_SYNTAXES: list[str] = [
 ]
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
+_IMPLEMENTATION_CLASS_UID = str(PYNETDICOM_IMPLEMENTATION_UID).encode("ascii")
+_IMPLEMENTATION_VERSION_NAME = str(PYNETDICOM_IMPLEMENTATION_VERSION).encode("ascii")
 _COMMIT_TIMEOUT_S = 60.0
 
 
@@ -127,10 +130,33 @@ def identify(stream: bytes, transfer_syntax: str, request: Any) -> IndexedAttrib
 
 
 def part10_header(event: evt.Event, source_ae: str) -> bytes:
-    """Preamble, "DICM" and File Meta Information (PS3.10 7.1) for a C-STORE request's dataset."""
-    meta = event.file_meta
-    meta.SourceApplicationEntityTitle = source_ae
-    return _PREAMBLE + encode_file_meta(meta)
+    """Preamble, "DICM" and File Meta Information (PS3.10 7.1) for a C-STORE request's dataset.
+
+    The elements pynetdicom's ``event.file_meta`` holds, plus the Source AE, encoded
+    here (explicit VR little endian, as pydicom writes them) instead of through a Dataset.
+    """
+    request = cast(C_STORE, event.request)
+    elements = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01"),
+            _meta_element(0x0002, b"UI", str(request.AffectedSOPClassUID).encode("ascii")),
+            _meta_element(0x0003, b"UI", str(request.AffectedSOPInstanceUID).encode("ascii")),
+            _meta_element(0x0010, b"UI", str(event.context.transfer_syntax).encode("ascii")),
+            _meta_element(0x0012, b"UI", _IMPLEMENTATION_CLASS_UID),
+            _meta_element(0x0013, b"SH", _IMPLEMENTATION_VERSION_NAME),
+            _meta_element(0x0016, b"AE", source_ae.encode("ascii", "replace")),
+        )
+    )
+    return _PREAMBLE + _meta_element(0x0000, b"UL", struct.pack("<L", len(elements))) + elements
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group 0002 element, padded to even length (UI and OB with NUL, text with a space)."""
+    if len(value) % 2:
+        value += b"\x00" if vr in (b"UI", b"OB") else b" "
+    if vr == b"OB":
+        return struct.pack("<HH2s2xL", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
 
 
 @dataclass

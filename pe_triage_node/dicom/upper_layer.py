@@ -12,6 +12,7 @@ declared length. Here:
   with an A-ABORT (the state machine's Evt19, "invalid PDU") and never
   allocated; a PDU's body must arrive within the network timeout.
   Each accepted PDU takes pynetdicom's own decoding path, so every event fires.
+* **Plain C-STORE responses encoded directly** (:mod:`pe_triage_node.dicom.store_response`).
 * **Waiting instead of polling** (:func:`wait_for_work`): the association's two
   threads wait for data, for something to send or for a complete DIMSE message,
   where pynetdicom sleeps 1 ms and looks again (+9 % ingest on one association
@@ -46,10 +47,12 @@ import pynetdicom
 from pynetdicom import association as _association
 from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from pe_triage_node.dicom.association_gate import DEFAULT_MAX_PENDING, PDU_HEADER, PDU_TYPES, AssociationGate
+from pe_triage_node.dicom.store_response import StoreResponseDIMSE
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +141,7 @@ class GatedRequestHandler(RequestHandler):
         assoc = self._create_association()
         dul = assoc.dul
         dul.__class__ = BoundedDUL
+        assoc.dimse.__class__ = StoreResponseDIMSE
         bounded = cast(BoundedDUL, dul)
         bounded.maximum_length = assoc.acceptor.maximum_length or DEFAULT_MAXIMUM_PDU_SIZE
         bounded.read_timeout = self.ae.network_timeout or 60.0
@@ -416,6 +420,18 @@ PINNED_PYNETDICOM: dict[str, tuple[Callable[..., Any], str]] = {
     "DIMSEServiceProvider.get_msg": (
         DIMSEServiceProvider.get_msg,
         "16d9561f1ddd84a115a77490bab4bb940d689d40ea0e8cd7e996b7d6493ca3d5",
+    ),
+    "DIMSEServiceProvider.send_msg": (
+        DIMSEServiceProvider.send_msg,
+        "2f1434c6883af6fc83d61a7f0eafa575ec578ff3c80b86120738c9a070f6f3ce",
+    ),
+    "DIMSEMessage.primitive_to_message": (
+        DIMSEMessage.primitive_to_message,
+        "8b2da84d6f7630329a20ff1ef6ae55c2ed2c37fa57d13cfcb9b95500c925b8f8",
+    ),
+    "DIMSEMessage.encode_msg": (
+        DIMSEMessage.encode_msg,
+        "3ee166c9b6e3fa482bf1f68b03ee4a6a8b31b8526cdd6c4a2c7ba03a9f5ebe42",
     ),
     "ThreadedAssociationServer.process_request_thread": (
         ThreadedAssociationServer.process_request_thread,

@@ -21,6 +21,7 @@ from pydicom.uid import (
 )
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
 from pynetdicom.presentation import build_context
@@ -126,7 +127,11 @@ def test_part10_header_makes_a_valid_file_of_the_received_bytes(tmp_path: Path, 
     _meta, body, ds = _encoded(tmp_path, ts)
     event = _store_event(ds, body, ts)
     out = tmp_path / "x.dcm"
-    out.write_bytes(part10_header(event, "SCANNER") + event.encoded_dataset(include_meta=False))
+    header = part10_header(event, "SCANNER")
+    meta = event.file_meta
+    meta.SourceApplicationEntityTitle = "SCANNER"
+    assert header == b"\x00" * 128 + b"DICM" + encode_file_meta(meta)  # what pydicom writes
+    out.write_bytes(header + event.encoded_dataset(include_meta=False))
     back = pydicom.dcmread(out)
     assert back.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert back.file_meta.MediaStorageSOPClassUID == CTImageStorage
