@@ -6,7 +6,6 @@ import dataclasses
 import logging
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 from PIL import Image
