@@ -60,10 +60,11 @@ def test_users_add_list_passwd(db_url: str, tmp_path: Path, monkeypatch: pytest.
 def test_web_command_uses_configured_bind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict[str, object] = {}
 
-    def fake_run(app: object, **kw: object) -> None:
-        seen.update(kw)
+    def fake_run(server: object) -> None:  # uvicorn.Server.run: what it would bind, without serving
+        cfg = server.config  # type: ignore[attr-defined]
+        seen.update(host=cfg.host, port=cfg.port)
 
-    monkeypatch.setattr("uvicorn.run", fake_run)
+    monkeypatch.setattr("uvicorn.Server.run", fake_run)
     monkeypatch.setattr("pe_triage_node.services.logs.configure_logging", lambda cfg, name: None)
     config = tmp_path / "node.toml"
     config.write_text(f'[node]\nvar_dir = "{tmp_path / "var"}"\n')
