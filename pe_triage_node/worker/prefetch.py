@@ -160,9 +160,11 @@ def volume_pages_reuse_freed_slices() -> bool:
     then faults in 300 MiB the process never touched, which on this project's VMs costs 0.6-1.3 s
     (0.2 s in ordinary pages, which reuse the freed slices' pages).
     """
-    import numpy._core.multiarray as multiarray
+    import numpy as np
 
-    setter = getattr(multiarray, "_set_madvise_hugepage", None)  # numpy's switch (NUMPY_MADVISE_HUGEPAGE)
+    # numpy's switch (NUMPY_MADVISE_HUGEPAGE): numpy._core from 2.0, numpy.core before
+    setter = getattr(getattr(np, "_core", None) or getattr(np, "core", None), "multiarray", None)
+    setter = getattr(setter, "_set_madvise_hugepage", None)
     if setter is None:
         return False
     setter(False)

@@ -137,3 +137,10 @@ def test_a_worker_killed_while_decoding_ahead_leaves_the_series_to_be_analysed_o
     node_support.wait_until(succeeded, 120, "worker B analyses the series", procs=[second], log_path=log_b)
     with Session(engine) as s:
         assert Counter(s.scalars(select(TriageResult.job_id))) == Counter({job_id: 1})
+
+
+def test_numpy_huge_page_switch_is_found() -> None:
+    """The worker's volume reuses the freed slices' pages only when numpy's switch exists (numpy renamed it once)."""
+    from pe_triage_node.worker.prefetch import volume_pages_reuse_freed_slices
+
+    assert volume_pages_reuse_freed_slices() is True
