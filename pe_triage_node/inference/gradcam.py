@@ -114,7 +114,7 @@ def guided_backprop(guided: WindowEncoder, windows: torch.Tensor) -> torch.Tenso
     (B, 10, S, S), >= 0, the largest positive gradient over the three channels (BatchNorm folded or in eval
     mode, so the windows do not mix)."""
     with torch.enable_grad():
-        x = windows.detach().float().contiguous().requires_grad_(True)
+        x = windows.detach().to(torch.float32, copy=True).requires_grad_(True)  # a copy: never an inference tensor
         logits = guided.fc(guided.avgpool(guided.block_output(x)).flatten(1))[:, 0]
         (grad,) = torch.autograd.grad(logits.sum(), x)
     return grad.clamp(min=0).amax(dim=1)

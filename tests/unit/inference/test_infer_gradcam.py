@@ -120,3 +120,11 @@ def test_guided_encoder_is_a_copy_with_guided_relus() -> None:
     relu = next(m for m in guided.modules() if type(m).__name__ == "_GuidedReLU")
     relu(t).backward(torch.tensor([5.0, -4.0, 6.0]))
     assert t.grad is not None and t.grad.tolist() == [0.0, 0.0, 6.0]
+
+
+def test_guided_backprop_takes_windows_made_under_inference_mode() -> None:
+    """The engine prepares its windows under ``torch.inference_mode``; guided backpropagation must still run."""
+    guided = guided_encoder(lesion_detector())
+    with torch.inference_mode():
+        x = window_with_lesion(LESIONS[0])
+    assert guided_backprop(guided, x).shape == (1, 10, 64, 64)
