@@ -89,7 +89,13 @@ from pe_triage_node.queue import (
 )
 from pe_triage_node.queue.wakeup import Wakeup
 from pe_triage_node.stopping import stop_on_signals
-from pe_triage_node.worker.prefetch import SlicePrefetch, run_idle, volume_pages_reuse_freed_slices
+from pe_triage_node.worker.prefetch import (
+    HeapReserve,
+    SlicePrefetch,
+    heap_keeps_freed_memory,
+    run_idle,
+    volume_pages_reuse_freed_slices,
+)
 
 if TYPE_CHECKING:  # torch only where the engine is built
     from pydicom.dataset import Dataset
@@ -162,6 +168,7 @@ class InferenceWorker:
         self._on_stage = on_stage  # tests: called with (job id, stage name)
         budget = cfg.worker.prefetch_mb * 1024 * 1024
         self.prefetch = SlicePrefetch(engine, self.spool_dir, budget) if budget > 0 else None
+        self.heap_reserve: HeapReserve | None = None  # set by the worker process (run_worker_service)
 
     # -- one job -----------------------------------------------------------------
     def process_one(self) -> JobOutcome | None:
@@ -199,6 +206,8 @@ class InferenceWorker:
 
     def _run(self, job: ClaimedJob, lease: LeaseKeeper) -> JobOutcome:
         t0 = time.perf_counter()
+        if self.heap_reserve is not None:
+            self.heap_reserve.release()  # mapped pages for this job's volume
         current = self._current_series(job)
         if isinstance(current, str):
             return self._skip(job, current)
@@ -472,6 +481,12 @@ class InferenceWorker:
         return len(stale)
 
     # -- the loop ----------------------------------------------------------------
+    def _idle(self, interrupted: Callable[[], bool]) -> bool:
+        """Decode slices ahead; when there are none, touch the heap reserve."""
+        if run_idle(self.prefetch, interrupted=interrupted):
+            return True
+        return self.heap_reserve is not None and self.heap_reserve.step()
+
     def run_forever(self, stop: threading.Event) -> None:
         """Run jobs until ``stop`` is set; poll every ``queue.poll_interval_s`` while idle, and claim at
         once when a new job is announced (:mod:`pe_triage_node.queue.wakeup`). While idle, decode
@@ -484,7 +499,7 @@ class InferenceWorker:
         self.remove_stale_staging()
         with Wakeup(self.engine, JobKind.infer) as wakeup:
             run_until_stopped(self.process_one, stop, self.cfg.queue.poll_interval_s, f"worker {self.worker_id}",
-                              wakeup=wakeup, idle=lambda: run_idle(self.prefetch, interrupted=lambda: wakeup.wait(0)))
+                              wakeup=wakeup, idle=lambda: self._idle(lambda: wakeup.wait(0)))
         log.info("worker %s stopped", self.worker_id)
 
 
@@ -508,6 +523,10 @@ def run_worker_service(cfg: NodeConfig, *, random_weights: bool = False) -> int:
     stop = stop_on_signals("the worker stops after its current job")
     if not volume_pages_reuse_freed_slices():
         log.info("numpy's huge-page switch not found: loading a series may cost more")
+    reserve = cfg.worker.heap_reserve_mb << 20
+    if reserve and not heap_keeps_freed_memory(reserve):
+        log.info("the C library keeps no freed memory (not glibc): each job maps fresh pages")
+        reserve = 0
     try:
         model = load_model(cfg, random_weights=random_weights)
     except WeightsError as exc:
@@ -522,7 +541,9 @@ def run_worker_service(cfg: NodeConfig, *, random_weights: bool = False) -> int:
         log.warning("model warm-up failed; the first study pays for it", exc_info=True)
     engine = make_engine(cfg.database_url, echo=cfg.database.echo)
     try:
-        InferenceWorker(engine, cfg, model).run_forever(stop)
+        worker = InferenceWorker(engine, cfg, model)
+        worker.heap_reserve = HeapReserve(reserve) if reserve else None
+        worker.run_forever(stop)
     finally:
         engine.dispose()
     return 0
