@@ -168,6 +168,11 @@ arena = libc.mallinfo2().arena
 del b
 c = np.ones(block, np.uint8)
 assert libc.mallinfo2().arena == arena, "the freed block served again: the heap neither shrank nor grew"
+import threading
+sums = []
+t = threading.Thread(target=lambda: sums.append(int(np.ones(2 * block, np.uint8).sum())))  # beyond a thread arena's heap
+t.start(); t.join()
+assert sums == [2 * block], "a thread's large block is still served"
 print("ok")
 """
 
