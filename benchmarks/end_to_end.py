@@ -5,7 +5,7 @@
 Generates a full-size phantom CTPA (512 x 512, central PE), starts the node as
 ``pe-triage run`` (SQLite, its default timers: queue and export polls 0.1 s) with a
 dcmtk ``storescp`` as its only destination, waits until the worker has loaded the
-model (a running node has), sends the series with one ``storescu`` association
+model and mapped its heap reserve (a running node has), sends the series with one ``storescu`` association
 and measures, from the moment ``storescu`` got the last response, the time until
 the SR file exists at ``storescp``. Stages come from the node's database and the
 worker's timings:
@@ -119,6 +119,10 @@ def main() -> int:
         peers.wait_for_port(node_port, proc=node, timeout=180)
         node_support.wait_until(lambda: " started (device" in log_path.read_text(errors="replace"), 300,
                                 "the worker to load the model", procs=[node], log_path=log_path)
+        # ... and to map its heap reserve while idle (worker.heap_reserve_mb; a running node has)
+        node_support.wait_until(lambda: "heap reserve of" in log_path.read_text(errors="replace")
+                                or "keeps no freed memory" in log_path.read_text(errors="replace"), 60,
+                                "the worker to map its heap reserve", procs=[node], log_path=log_path)
 
         sent = peers.storescu(node_port, [series_dir], timeout=600)
         t_ack = time.time()  # storescu exits right after the last response and the release

@@ -215,6 +215,7 @@ class HeapReserve:
         self.touched = 0
         self.done = nbytes <= 0
         self._block: np.ndarray | None = None
+        self._t0 = 0.0
 
     def step(self) -> bool:
         """Touch the next chunk; ``False`` when there was nothing left to do."""
@@ -222,11 +223,13 @@ class HeapReserve:
             return False
         if self._block is None:
             self._block = np.empty(self.nbytes, dtype=np.uint8)
+            self._t0 = time.monotonic()
         end = min(self.touched + self.chunk_bytes, self.nbytes)
         self._block[self.touched:end] = 0
         self.touched = end
         if end >= self.nbytes:
             self.release()
+            log.info("heap reserve of %d MiB mapped in %.2f s", self.nbytes >> 20, time.monotonic() - self._t0)
         return True
 
     def release(self) -> None:
