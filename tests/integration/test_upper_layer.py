@@ -85,3 +85,26 @@ def test_events_fire_for_every_pdu_through_the_gate(server: tuple[BoundedAssocia
     assert pdu_types.count(0x04) >= 3  # the C-STORE in several P-DATA-TF PDUs
     assert pdu_types[-1] == 0x05  # A-RELEASE-RQ
     assert set(seen["dul classes"]) == {WakingDUL}  # bounded reads, waits instead of polls
+
+
+def test_associations_share_the_servers_contexts_unchanged(server: tuple[BoundedAssociationServer, dict[str, list[Any]]]) -> None:
+    """Each association gets a copy of the list, not of the contexts (SharedContexts); negotiation leaves
+    them as they were, so a later association that proposes other transfer syntaxes negotiates afresh."""
+    import copy
+
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    srv, _seen = server
+    before = [(cx.context_id, cx.abstract_syntax, list(cx.transfer_syntax), cx.scu_role, cx.scp_role) for cx in srv.contexts]
+    copied = copy.deepcopy(srv.contexts)
+    assert copied is not srv.contexts and all(a is b for a, b in zip(copied, srv.contexts, strict=True))
+    for proposed, accepted in ((ExplicitVRLittleEndian, True), (ImplicitVRLittleEndian, False), (ExplicitVRLittleEndian, True)):
+        scu = AE(ae_title="SCANNER")
+        scu.add_requested_context(CTImageStorage, proposed)
+        assoc = scu.associate("127.0.0.1", srv.server_address[1], ae_title="PETRIAGE")
+        assert assoc.is_established is accepted  # no context accepted: pynetdicom's SCU aborts
+        if accepted:
+            assert int(assoc.send_c_store(_ct()).Status) == 0x0000
+            assoc.release()
+    after = [(cx.context_id, cx.abstract_syntax, list(cx.transfer_syntax), cx.scu_role, cx.scp_role) for cx in srv.contexts]
+    assert after == before
