@@ -65,6 +65,7 @@ def run_demo(
     slices: int | tuple[int, int] | None = None,
     device: str = "auto",
     init_manifest: Path | None = None,
+    neg_position_match: float = 0.75,
     show_progress: bool = True,
     command: str = "",
 ) -> dict[str, Any]:
@@ -80,6 +81,7 @@ def run_demo(
         phase1=Phase1Config(
             epochs=phase1_epochs, seed=SEEDS["training"], max_minutes=phase1_max_minutes, device=device,
             init_manifest=str(init_manifest) if init_manifest is not None else None,
+            neg_position_match=neg_position_match,
         ),
         phase2=Phase2Config(epochs=phase2_epochs, seed=SEEDS["training"], window_q_floor=window_q_floor, device=device),
         model_name="pe-tcn-attention-demo-phantoms",
@@ -102,6 +104,7 @@ def run_demo(
             "phase1_max_minutes": phase1_max_minutes,
             "window_q_floor": window_q_floor,
             "phase1_init": str(init_manifest) if init_manifest is not None else "random",
+            "neg_position_match": neg_position_match,
             "note": "paper: 192 x 192 (train crops of 224), 20 epochs, Kinetics-400 pretrained r3d_18; here "
             + ("phase 1 continues from earlier demo weights (phase1.json -> initialised_from)" if init_manifest is not None else "from scratch"),
         },
@@ -174,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--init", type=Path, default=None, metavar="MANIFEST",
                     help="start phase 1 from these weights (e.g. the previous models/demo/manifest.json) instead of random ones")
+    ap.add_argument("--neg-position-match", type=float, default=0.75,
+                    help="share of phase 1's negative windows drawn at the positives' levels in the chest")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -189,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         phase2_epochs=args.phase2_epochs,
         device=args.device,
         init_manifest=args.init,
+        neg_position_match=args.neg_position_match,
         show_progress=not args.quiet,
         command="python -m training.demo_recipe " + " ".join(sys.argv[1:] if argv is None else argv),
     )

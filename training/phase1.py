@@ -11,7 +11,8 @@ manifest) records lambda and how many training studies had masks.
 Defaults are the paper's (MODEL.md): Adam lr 4e-4, batch 16, 20 epochs, keep
 the epoch with the best validation window AUROC. An epoch visits every window
 of the training grid that holds a positive slice plus as many negative windows
-drawn at random (``neg_ratio`` x), each start shifted by up to ``jitter`` slices
+drawn at random (``neg_ratio`` x; ``neg_position_match`` of them at the positives' levels
+in the chest), each start shifted by up to ``jitter`` slices
 (a window's label is recomputed from its slices); validation runs on the
 inference grid. Mixed precision (bf16 autocast) on CUDA and on CPUs with
 native bf16, as the engine serves. A checkpoint is written after each epoch
@@ -69,6 +70,10 @@ class Phase1Config:
     lr: float = 4e-4
     seed: int = 0
     neg_ratio: float = 1.0  # negative windows per positive window in an epoch
+    # share of those negatives drawn at the positives' levels in the chest (relative window position),
+    # the rest uniformly: with uniform negatives alone the network learns where emboli usually are
+    # (the hila) instead of what they look like, and every study's hilar windows score alike
+    neg_position_match: float = 0.0
     jitter: int = 3  # random shift of a window's start, slices
     max_minutes: float | None = None  # stop after the epoch that passes this wall time (recorded)
     eval_batch: int = 32
@@ -89,7 +94,7 @@ def _epoch_windows(studies: list[CachedStudy], cfg: Phase1Config, epoch: int) ->
         for w, y in enumerate(st.window_labels()):
             (pos if y > 0 else neg).append((i, w))
     n_neg = min(len(neg), max(1, int(round(cfg.neg_ratio * max(len(pos), 1)))))
-    picked = pos + [neg[j] for j in rng.choice(len(neg), size=n_neg, replace=False)] if neg else list(pos)
+    picked = pos + [neg[j] for j in rng.choice(len(neg), size=n_neg, replace=False, p=_negative_weights(studies, pos, neg, cfg.neg_position_match))] if neg else list(pos)
     out = []
     for i, w in picked:
         z = int(studies[i].slices.shape[0])
@@ -97,6 +102,30 @@ def _epoch_windows(studies: list[CachedStudy], cfg: Phase1Config, epoch: int) ->
         out.append((i, int(min(max(0, start), max(0, z - 1)))))
     order = rng.permutation(len(out))
     return [out[j] for j in order]
+
+
+POSITION_BINS = 10
+
+
+def _negative_weights(studies: list[CachedStudy], pos: list[tuple[int, int]], neg: list[tuple[int, int]], match: float) -> np.ndarray | None:
+    """Sampling probabilities of the negative windows: ``match`` of the mass spread so that the negatives'
+    relative positions in their studies follow the positives' (:data:`POSITION_BINS` bins), the rest uniform;
+    ``None`` (uniform) when ``match`` is 0 or there are no positives."""
+    if match <= 0 or not pos:
+        return None
+
+    n_windows = {i: max(1, len(studies[i].window_labels())) for i in {i for i, _ in pos} | {i for i, _ in neg}}
+
+    def position_bin(i: int, w: int) -> int:
+        return min(POSITION_BINS - 1, int((w + 0.5) / n_windows[i] * POSITION_BINS))
+
+    pos_hist = np.bincount([position_bin(i, w) for i, w in pos], minlength=POSITION_BINS).astype(np.float64)
+    neg_bins = np.array([position_bin(i, w) for i, w in neg])
+    neg_hist = np.bincount(neg_bins, minlength=POSITION_BINS).astype(np.float64)
+    matched = (pos_hist / pos_hist.sum())[neg_bins] / neg_hist[neg_bins]  # sums to 1 over bins that hold negatives
+    matched /= matched.sum()
+    p = match * matched + (1.0 - match) / len(neg)
+    return np.asarray(p / p.sum())
 
 
 class TrainingForward(torch.nn.Module):
@@ -379,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--neg-ratio", type=float, default=1.0)
+    ap.add_argument("--neg-position-match", type=float, default=0.0,
+                    help="share of the negative windows drawn at the positives' levels in the chest (0: uniform)")
     ap.add_argument("--attention-lambda", type=float, default=1.0, help="weight of the attention loss where masks exist (0: classification loss only)")
     ap.add_argument("--max-minutes", type=float, default=None)
     ap.add_argument("--init", type=str, default=None, metavar="MANIFEST", help="start from this weights manifest's phase 1 (default: random)")
@@ -393,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = DistContext()
     if not args.features_only:
         cfg = Phase1Config(
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, neg_ratio=args.neg_ratio, max_minutes=args.max_minutes,
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, neg_ratio=args.neg_ratio, neg_position_match=args.neg_position_match, max_minutes=args.max_minutes,
             attention_lambda=args.attention_lambda, augment=not args.no_augment, init_manifest=args.init, device=args.device, precision=args.precision, dtype=args.dtype,
         )
         ctx, _ = init_distributed(args.device)  # torchrun: every rank trains, rank 0 extracts the features
