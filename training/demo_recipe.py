@@ -65,7 +65,7 @@ def run_demo(
     slices: int | tuple[int, int] | None = None,
     device: str = "auto",
     init_manifest: Path | None = None,
-    neg_position_match: float = 0.75,
+    neg_position_match: float = 0.0,
     show_progress: bool = True,
     command: str = "",
 ) -> dict[str, Any]:
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--init", type=Path, default=None, metavar="MANIFEST",
                     help="start phase 1 from these weights (e.g. the previous models/demo/manifest.json) instead of random ones")
-    ap.add_argument("--neg-position-match", type=float, default=0.75,
+    ap.add_argument("--neg-position-match", type=float, default=0.0,
                     help="share of phase 1's negative windows drawn at the positives' levels in the chest")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
