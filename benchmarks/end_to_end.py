@@ -120,8 +120,8 @@ def main() -> int:
         node_support.wait_until(lambda: " started (device" in log_path.read_text(errors="replace"), 300,
                                 "the worker to load the model", procs=[node], log_path=log_path)
         # ... and to map its heap reserve while idle (worker.heap_reserve_mb; a running node has)
-        node_support.wait_until(lambda: "heap reserve of" in log_path.read_text(errors="replace")
-                                or "keeps no freed memory" in log_path.read_text(errors="replace"), 60,
+        node_support.wait_until(lambda: any(line in log_path.read_text(errors="replace")
+                                            for line in ("heap reserve of", "keeps no freed memory")), 60,
                                 "the worker to map its heap reserve", procs=[node], log_path=log_path)
 
         sent = peers.storescu(node_port, [series_dir], timeout=600)

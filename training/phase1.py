@@ -90,11 +90,15 @@ def _epoch_windows(studies: list[CachedStudy], cfg: Phase1Config, epoch: int) ->
     rng = np.random.default_rng([cfg.seed, epoch])
     pos: list[tuple[int, int]] = []
     neg: list[tuple[int, int]] = []
+    n_windows: list[int] = []
     for i, st in enumerate(studies):
-        for w, y in enumerate(st.window_labels()):
+        labels = st.window_labels()
+        n_windows.append(len(labels))
+        for w, y in enumerate(labels):
             (pos if y > 0 else neg).append((i, w))
     n_neg = min(len(neg), max(1, int(round(cfg.neg_ratio * max(len(pos), 1)))))
-    picked = pos + [neg[j] for j in rng.choice(len(neg), size=n_neg, replace=False, p=_negative_weights(studies, pos, neg, cfg.neg_position_match))] if neg else list(pos)
+    p = _negative_weights(n_windows, pos, neg, cfg.neg_position_match)
+    picked = pos + [neg[j] for j in rng.choice(len(neg), size=n_neg, replace=False, p=p)] if neg else list(pos)
     out = []
     for i, w in picked:
         z = int(studies[i].slices.shape[0])
@@ -107,14 +111,13 @@ def _epoch_windows(studies: list[CachedStudy], cfg: Phase1Config, epoch: int) ->
 POSITION_BINS = 10
 
 
-def _negative_weights(studies: list[CachedStudy], pos: list[tuple[int, int]], neg: list[tuple[int, int]], match: float) -> np.ndarray | None:
-    """Sampling probabilities of the negative windows: ``match`` of the mass spread so that the negatives'
-    relative positions in their studies follow the positives' (:data:`POSITION_BINS` bins), the rest uniform;
-    ``None`` (uniform) when ``match`` is 0 or there are no positives."""
+def _negative_weights(n_windows: list[int], pos: list[tuple[int, int]], neg: list[tuple[int, int]], match: float) -> np.ndarray | None:
+    """Sampling probabilities of the negative windows (study, window): ``match`` of the mass spread so that
+    the negatives' relative positions in their studies (of ``n_windows[study]`` windows) follow the
+    positives' (:data:`POSITION_BINS` bins), the rest uniform; ``None`` (uniform) when ``match`` is 0 or
+    there are no positives."""
     if match <= 0 or not pos:
         return None
-
-    n_windows = {i: max(1, len(studies[i].window_labels())) for i in {i for i, _ in pos} | {i for i, _ in neg}}
 
     def position_bin(i: int, w: int) -> int:
         return min(POSITION_BINS - 1, int((w + 0.5) / n_windows[i] * POSITION_BINS))
