@@ -16,7 +16,10 @@ Order per study (all tensor work in torch on the inference device):
    lungs, the mediastinum between them, 8 mm around; never the air around the
    patient) and each slice's lung share, with which the engine keeps its Grad-CAM
    secondary captures on lung slices and their markers inside the patient.
-3. Slices resized in HU to ``input_size`` x ``input_size`` (bilinear).
+3. Slices resized in HU to ``input_size`` x ``input_size`` (bilinear, antialiased:
+   shrinking a 512² field to 64² averages the pixels each output pixel covers, so
+   noise is not aliased and an embolus smaller than the output pixel darkens it
+   by its partial volume instead of vanishing or filling it by where it falls).
 4. Windows of 10 slices along z (the last zero-padded after channel scaling).
 5. Channels lung (-600, 1500), PE (100, 700), mediastinal (40, 400): clipped to
    their fixed bounds and scaled to [0, 1] (no per-slice min-max).
@@ -62,6 +65,11 @@ def resample_isotropic(hu: torch.Tensor, spacing: tuple[float, float, float], ta
     size = [max(1, round(n * s / target)) for n, s in zip(hu.shape, spacing)]
     out = F.interpolate(hu[None, None].float(), size=size, mode="trilinear", align_corners=False)
     return out[0, 0]
+
+
+def resize_slices(crop: torch.Tensor, size: int) -> torch.Tensor:
+    """(z, y, x) -> (z, size, size): bilinear, antialiased when shrinking (step 3 of the module docstring)."""
+    return F.interpolate(crop[None].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
 
 
 def hu_to_channels(hu: torch.Tensor) -> torch.Tensor:
@@ -299,7 +307,7 @@ def prepare_study(
         box, method = (0, z, 0, y, 0, x), f"{method}: no lungs found, whole field"
     z0, z1, y0, y1, x0, x1 = box
     crop = vol[z0:z1, y0:y1, x0:x1]
-    slices = F.interpolate(crop[None].float(), size=(input_size, input_size), mode="bilinear", align_corners=False)[0]
+    slices = resize_slices(crop, input_size)
     region, lung_share = _on_prepared_grid(masks, box, input_size)
     return PreparedStudy(
         slices=slices.contiguous(),
@@ -326,7 +334,7 @@ def prepare_mask(planes: np.ndarray, volume: CTVolume, prepared: PreparedStudy) 
     z0, z1, y0, y1, x0, x1 = prepared.box
     crop = vol[z0:z1, y0:y1, x0:x1]
     s = prepared.input_size
-    return F.interpolate(crop[None], size=(s, s), mode="bilinear", align_corners=False)[0] > 1e-3
+    return resize_slices(crop, s) > 1e-3
 
 
 def _on_prepared_grid(masks: ChestMasks, box: Box, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ from pe_triage_node.inference.preprocess import (
     hu_to_channels,
     prepare_study,
     resample_isotropic,
+    resize_slices,
     threshold_lung_box,
 )
 from pe_triage_node.inference.volume import CTVolume, load_ct_volume
@@ -136,3 +137,28 @@ def test_engine_auto_uses_configured_lungmask_and_records_it(tmp_path: Path, pha
     assert result.lung_crop_method.startswith("lungmask")
     forced = InferenceEngine(random_model(0, input_size=16), device="cpu", lung_crop="threshold", lungmask_weights=weights)
     assert forced.lungmask is None
+
+
+def test_shrinking_keeps_a_small_embolus_partial_volume() -> None:
+    """A 3-pixel filling defect in a 320² slice shrunk to 64² darkens the output by its partial
+    volume wherever it falls; plain bilinear sampling would miss it at some offsets."""
+    deficits = []
+    for off in range(5):
+        crop = torch.full((1, 320, 320), 300.0)
+        crop[0, 150 + off : 153 + off, 150 + off : 153 + off] = 50.0
+        out = resize_slices(crop, 64)
+        deficits.append(float((300.0 - out).sum()))
+    expected = 9 * 250.0 / 25  # defect area x contrast, in output pixels of 5 x 5 input pixels
+    assert all(abs(d - expected) < 0.1 * expected for d in deficits), deficits
+
+
+def test_embolus_mask_keeps_a_small_embolus(phantom) -> None:  # type: ignore[no-untyped-def]
+    """A 2-voxel embolus mask survives the shrink to the prepared grid (any coverage counts)."""
+    from pe_triage_node.inference.preprocess import prepare_mask
+
+    vol = _volume(phantom(24, 96, lung_z=(2, 22)), (2.0, 1.0, 1.0))
+    p = prepare_study(vol, device=CPU, input_size=16)
+    for y in range(40, 46):
+        planes = np.zeros(vol.hu.shape, dtype=np.uint8)
+        planes[12, y, 47:49] = 1
+        assert bool(prepare_mask(planes, vol, p).any()), y
