@@ -284,6 +284,8 @@ def train_phase1(cache_dir: Path, out_dir: Path, cfg: Phase1Config, *, show_prog
         probs = ctx.gather(predict_windows(model, ctx.shard(val), device, batch=cfg.eval_batch, precision=cfg.precision)[0])
         auc, _ = delong_auroc(val_y, np.concatenate(probs)) if len(val_y) else (float("nan"), 0.0)
         auc = float(auc) if not np.isnan(auc) else 0.0
+        study_auc = study_max_auroc(val, probs)
+        score = selection_score(auc, study_auc)
         rec = {
             "epoch": epoch + 1,
             "train_loss": mean_loss,
@@ -291,13 +293,15 @@ def train_phase1(cache_dir: Path, out_dir: Path, cfg: Phase1Config, *, show_prog
             "train_windows": len(items),
             "skipped_steps": skipped,
             "val_window_auroc": round(auc, 4),
+            "val_study_max_auroc": None if study_auc is None else round(study_auc, 4),
+            "val_selection_score": round(score, 4),
         }
         history.append(rec)
         log.info("phase1 %s", rec)
         if show_progress and ctx.main:
-            print(f"phase1 epoch {epoch + 1}: loss {rec['train_loss']:.4f} val window AUROC {auc:.4f}", flush=True)
-        if auc > best_auc:
-            best_auc, best_epoch = auc, epoch + 1
+            print(f"phase1 epoch {epoch + 1}: loss {rec['train_loss']:.4f} val window AUROC {auc:.4f}, study (highest window) {rec['val_study_max_auroc']}", flush=True)
+        if score > best_auc:
+            best_auc, best_epoch = score, epoch + 1
             if ctx.main:
                 save_checkpoint(out_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch})
         if ctx.main:
@@ -330,7 +334,9 @@ def train_phase1(cache_dir: Path, out_dir: Path, cfg: Phase1Config, *, show_prog
         "augmentation": "random in-plane crop offset (up to (224-192)/224 of the field) with the window start's z shift, rotation up to 15 degrees (training/augment.py)" if cfg.augment else "none",
         "initialised_from": _init_record(cfg),
         "best_epoch": best_epoch,
-        "best_val_window_auroc": round(best_auc, 4),
+        "selection": SELECTION_RULE,
+        "best_val_selection_score": round(best_auc, 4),
+        "best_val_window_auroc": history[best_epoch - 1]["val_window_auroc"] if best_epoch > 0 else None,
         "epochs_run": len(history),
         "stopped_by_time_limit": stopped_early,
         "history": history,
@@ -340,6 +346,29 @@ def train_phase1(cache_dir: Path, out_dir: Path, cfg: Phase1Config, *, show_prog
         write_json(out_dir / "phase1.json", record)
     ctx.barrier()
     return record
+
+
+SELECTION_RULE = (
+    "best epoch by the mean of the validation window AUROC and the study AUROC of each study's highest window "
+    "(PE-positive studies against the rest); window AUROC alone where validation has one class of studies"
+)
+
+
+def study_max_auroc(studies: list[CachedStudy], probs: list[np.ndarray]) -> float | None:
+    """AUROC of each study's highest window probability for "any window positive"; ``None`` with one class.
+
+    A network that scores windows by where emboli usually are (the hila) ranks windows
+    well and studies not at all; this is the figure the worklist needs."""
+    y = np.array([float(st.window_labels().any()) for st in studies])
+    if len(y) == 0 or y.min() == y.max():
+        return None
+    auc, _ = delong_auroc(y, np.array([float(p.max()) if len(p) else 0.0 for p in probs]))
+    return None if np.isnan(auc) else float(auc)
+
+
+def selection_score(window_auc: float, study_auc: float | None) -> float:
+    """What picks the best epoch: :data:`SELECTION_RULE`."""
+    return window_auc if study_auc is None else 0.5 * (window_auc + study_auc)
 
 
 def _init_record(cfg: Phase1Config) -> dict[str, Any] | None:

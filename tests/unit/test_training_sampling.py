@@ -52,3 +52,17 @@ def test_matched_negatives_at_the_positives_level() -> None:
     assert bins[5:7].sum() == 60  # windows 10-12 fall in bins 5 and 6: every negative is drawn there
     mixed = _negative_bins(0.5)
     assert 30 <= mixed[5:7].sum() < 60
+
+
+def test_epoch_selection_rewards_separating_studies() -> None:
+    """A network that scores the hila high in every study ranks windows, not studies: the selection sees it."""
+    from training.phase1 import selection_score, study_max_auroc
+
+    studies = _studies()
+    by_position = [np.where(np.arange(20) // 1 == 11, 0.9, 0.1) for _ in studies]  # every study's hila alike
+    by_clot = [np.where(st.labels > 0, 0.9, 0.1) for st in studies]
+    assert study_max_auroc(studies, by_position) == 0.5  # type: ignore[arg-type]
+    assert study_max_auroc(studies, by_clot) == 1.0  # type: ignore[arg-type]
+    assert selection_score(0.8, 0.5) < selection_score(0.75, 1.0)
+    assert selection_score(0.8, None) == 0.8
+    assert study_max_auroc(studies[:1], by_clot[:1]) is None  # type: ignore[arg-type]
