@@ -178,7 +178,7 @@ class GlobalBatchNorm3d(torch.nn.BatchNorm3d):
         centred = xf - mean.view(1, c, 1, 1, 1)
         var = all_reduce((centred * centred).sum(dims), group=group) / total  # two passes: no cancellation
         with torch.no_grad():
-            self.num_batches_tracked += 1  # type: ignore[operator]
+            self.num_batches_tracked += 1  # type: ignore[operator,assignment]
             m = float(self.momentum) if self.momentum is not None else 1.0 / float(self.num_batches_tracked)  # type: ignore[arg-type]
             self.running_mean.mul_(1 - m).add_(m * mean)  # type: ignore[union-attr]
             self.running_var.mul_(1 - m).add_(m * var * total / (total - 1).clamp(min=1))  # type: ignore[union-attr]
