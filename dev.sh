@@ -14,7 +14,10 @@ PY=${PYTHON:-python3}
 DCMTK=/usr/bin
 
 is_dcmtk() {
-  [ -x "$DCMTK/$1" ] && "$DCMTK/$1" --version 2>/dev/null | grep -q dcmtk
+  # the whole output first: `| grep -q` stops reading at the match, and under pipefail
+  # the program's SIGPIPE would fail the check now and then
+  local version
+  [ -x "$DCMTK/$1" ] && version=$("$DCMTK/$1" --version 2>/dev/null) && [[ $version == *dcmtk* ]]
 }
 
 need_peers() {
