@@ -3,7 +3,7 @@
 ``python -m training.demo_recipe --out models/demo [--work /tmp/pe-demo]``
 
 1. Generate three phantom sets with :func:`pe_triage_node.synth.rspect.write_rspect_dataset`
-   (small size: 128 x 128 pixels, 64-96 slices): train (seed 1001), validation
+   (small size: 128 x 128 pixels, 64-96 slices or ``--slices``): train (seed 1001), validation
    (seed 2002) and a held-out test set (seed 4004, used by nothing but the final evaluation; the generator
    changed since seed 3003 judged earlier weights).
 2. Run :func:`training.pipeline.run_pipeline` with the CPU variant: 64 x 64
@@ -38,6 +38,20 @@ SEEDS = {"train": 1001, "val": 2002, "test": 4004, "training": 0}
 DEFAULT_STUDIES = {"train": 240, "val": 40, "test": 60}
 
 
+def parse_slices(text: str) -> int | tuple[int, int]:
+    """``--slices``: ``N`` or ``LO-HI`` slices a phantom."""
+    lo, _, hi = text.partition("-")
+    return (int(lo), int(hi)) if hi else int(lo)
+
+
+def slices_text(slices: int | tuple[int, int] | None) -> str:
+    """The phantoms' slices in words, for the manifest."""
+    if slices is None:
+        return "64-96 slices of 2.5-4.5 mm"
+    lo, hi = (slices, slices) if isinstance(slices, int) else slices
+    return f"{lo}-{hi} slices a study (spacing = coverage / slices, 0.8-5 mm)"
+
+
 def make_phantoms(root: Path, split: str, studies: int, seed: int, *, slices: int | tuple[int, int] | None = None) -> Path:
     """Write (or reuse) one phantom set as an RSPECT-format folder ``root/<split>`` with ``train.csv``."""
     from pe_triage_node.synth.rspect import write_rspect_dataset
@@ -46,7 +60,7 @@ def make_phantoms(root: Path, split: str, studies: int, seed: int, *, slices: in
     meta = out / "phantoms.json"
     if meta.is_file():
         m = json.loads(meta.read_text())
-        if m.get("seed") == seed and m.get("studies") == studies:
+        if m.get("seed") == seed and m.get("studies") == studies and m.get("slices") == (list(slices) if isinstance(slices, tuple) else slices):
             return out
     write_rspect_dataset(out, studies=studies, seed=seed, size="small", slices=slices)
     return out
@@ -93,8 +107,7 @@ def run_demo(
         "recipe": command or "python -m training.demo_recipe --out models/demo",
         "seeds": SEEDS,
         "data_description": (
-            f"synthetic CTPA phantoms (pe_triage_node.synth, size 'small': 128 x 128 pixels of 2.5-4 mm, 64-96 slices of "
-            f"2.5-4.5 mm): train {n['train']} studies (seed {SEEDS['train']}), validation {n['val']} (seed {SEEDS['val']}), "
+            f"synthetic CTPA phantoms (pe_triage_node.synth, size 'small': 128 x 128 pixels of 2.5-4 mm, {slices_text(slices)}): train {n['train']} studies (seed {SEEDS['train']}), validation {n['val']} (seed {SEEDS['val']}), "
             f"held-out test {n['test']} (seed {SEEDS['test']}, not used in training or threshold choice); study mix of the "
             "generator's default (about 48 % positive, 10 % indeterminate)"
         ),
@@ -174,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phase1-epochs", type=int, default=8)
     ap.add_argument("--phase1-max-minutes", type=float, default=26.0)
     ap.add_argument("--phase2-epochs", type=int, default=200)
+    ap.add_argument("--slices", type=parse_slices, default=None, metavar="N|LO-HI",
+                    help="slices a phantom (default 64-96, 2.5-4.5 mm; more give thinner ones, e.g. 90-300: 0.8-3 mm)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--init", type=Path, default=None, metavar="MANIFEST",
                     help="start phase 1 from these weights (e.g. the previous models/demo/manifest.json) instead of random ones")
@@ -192,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         phase1_epochs=args.phase1_epochs,
         phase1_max_minutes=args.phase1_max_minutes,
         phase2_epochs=args.phase2_epochs,
+        slices=args.slices,
         device=args.device,
         init_manifest=args.init,
         neg_position_match=args.neg_position_match,

@@ -245,6 +245,7 @@ def write_rspect_dataset(
         "size": size,
         "split": split,
         "studies": studies,
+        "slices": list(slices) if isinstance(slices, tuple) else slices,
         "mix": mix or DEFAULT_MIX,
         "study_seed": "numpy SeedSequence([seed, index]).generate_state(1)[0]",
         "records": records,

@@ -419,8 +419,8 @@ def sample_spec(
     needed to keep the spacing (and thickness) at most this (a node refuses thick
     reconstructions as CTPA, 3 mm by default).
 
-    ``size`` "small": 128² pixels, 64–96 slices of 2.5–4.5 mm (CPU training,
-    tests); "full": 512², 200–400 slices of 0.6–1.5 mm spacing (thickness up
+    ``size`` "small": 128² pixels, 64–96 slices of 2.5–4.5 mm (tests; more
+    ``slices`` give thinner ones, down to 0.8 mm: CPU training); "full": 512², 200–400 slices of 0.6–1.5 mm spacing (thickness up
     to 3 mm). ``slices`` fixes the slice count (or its range). ``category`` and
     ``pe_type`` force the study type; otherwise drawn from ``mix``.
     """
@@ -477,7 +477,8 @@ def sample_spec(
         n = int(rng.integers(n_lo, n_hi + 1))
         if max_slice_spacing_mm is not None and span / n > max_slice_spacing_mm:
             n = int(math.ceil(span / max_slice_spacing_mm))
-        dz = float(np.clip(span / n, 2.0, 5.0))
+        # 2-5 mm for the default counts; thinner (down to 0.8 mm) when more slices are asked for (training sets)
+        dz = float(np.clip(span / n, 0.8, 5.0))
         thick = dz
     else:
         nxy = 512

@@ -147,6 +147,15 @@ def test_geometry_and_hu_are_plausible() -> None:
     assert fixed.shape[0] == 300
 
 
+def test_small_phantoms_take_thin_slices_when_more_are_asked_for() -> None:
+    # the default counts keep 2.5-5 mm (tests); a training set asking for more slices gets CTPA-like ones
+    default = [sample_spec(study_seed(5, i), size="small") for i in range(8)]
+    assert all(2.0 <= s.slice_spacing <= 5.0 for s in default)
+    thin = [sample_spec(study_seed(5, i), size="small", slices=(250, 300)) for i in range(8)]
+    assert all(0.8 <= s.slice_spacing < 1.5 and s.slice_thickness == s.slice_spacing for s in thin)
+    assert all(s.shape[0] >= 250 or s.slice_spacing == 0.8 for s in thin)
+
+
 def test_subsegmental_emboli_are_flagged() -> None:
     spec = None
     for i in range(40):

@@ -130,3 +130,19 @@ def test_epoch_sequences_cut_some_studies_and_pad_them() -> None:
     assert x.shape == data.x.shape and (mask.sum(dim=1) <= data.mask.sum(dim=1)).all()
     assert (mask.sum(dim=1) < data.mask.sum(dim=1)).any()  # some study is shorter now (padded with a mask)
     assert float(wy[1].max()) > 0  # the positive study kept a positive window
+
+
+def test_demo_recipe_phantoms_follow_the_slices_asked_for(tmp_path: Path) -> None:
+    import json
+
+    from training.demo_recipe import make_phantoms, parse_slices
+
+    assert parse_slices("90-300") == (90, 300) and parse_slices("64") == 64
+    out = make_phantoms(tmp_path, "val", 1, 5, slices=40)
+    assert json.loads((out / "phantoms.json").read_text())["slices"] == 40
+    first = (out / "phantoms.json").stat().st_mtime_ns
+    assert make_phantoms(tmp_path, "val", 1, 5, slices=40) == out
+    assert (out / "phantoms.json").stat().st_mtime_ns == first  # reused
+    make_phantoms(tmp_path, "val", 1, 5, slices=(200, 220))  # other slices: written again
+    meta = json.loads((out / "phantoms.json").read_text())
+    assert meta["slices"] == [200, 220] and meta["records"][0]["shape_zyx"][0] >= 200
