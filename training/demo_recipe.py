@@ -54,13 +54,13 @@ def slices_text(slices: int | tuple[int, int] | None) -> str:
 
 def make_phantoms(root: Path, split: str, studies: int, seed: int, *, slices: int | tuple[int, int] | None = None) -> Path:
     """Write (or reuse) one phantom set as an RSPECT-format folder ``root/<split>`` with ``train.csv``."""
-    from pe_triage_node.synth.rspect import write_rspect_dataset
+    from pe_triage_node.synth.rspect import slices_record, write_rspect_dataset
 
     out = root / split
     meta = out / "phantoms.json"
     if meta.is_file():
         m = json.loads(meta.read_text())
-        if m.get("seed") == seed and m.get("studies") == studies and m.get("slices") == (list(slices) if isinstance(slices, tuple) else slices):
+        if m.get("seed") == seed and m.get("studies") == studies and m.get("slices") == slices_record(slices):
             return out
     write_rspect_dataset(out, studies=studies, seed=seed, size="small", slices=slices)
     return out

@@ -200,6 +200,11 @@ def phantom_record(phantom: Phantom, written: WrittenStudy) -> dict[str, Any]:
     return rec
 
 
+def slices_record(slices: int | tuple[int, int] | None) -> int | list[int] | None:
+    """``slices`` as ``phantoms.json`` keeps it (a range as a list)."""
+    return list(slices) if isinstance(slices, tuple) else slices
+
+
 def write_rspect_dataset(
     out_dir: Path,
     *,
@@ -245,7 +250,7 @@ def write_rspect_dataset(
         "size": size,
         "split": split,
         "studies": studies,
-        "slices": list(slices) if isinstance(slices, tuple) else slices,
+        "slices": slices_record(slices),
         "mix": mix or DEFAULT_MIX,
         "study_seed": "numpy SeedSequence([seed, index]).generate_state(1)[0]",
         "records": records,
